@@ -1,0 +1,387 @@
+"""Typed experiment config, `--set a.b=value` overrides, and checks that need no jax.
+
+An experiment file defines `config() -> Experiment`. Everything a run does is decided here, so
+`WORKDIR/config.json` (see `to_dict`) describes the run completely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    flavour: str = "gpt2"  # gpt2: LayerNorm, learned positions, GELU | llama: RMSNorm, RoPE, SwiGLU
+    vocab_size: int = 0  # 0: the tokenizer's size; the table is padded to a multiple of 128
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: n_heads (no grouping)
+    d_ff: int = 0  # 0: 4*d_model (gpt2) or 8/3*d_model rounded up to 256 (llama)
+    seq_len: int = 256
+    tie_embeddings: bool | None = None  # None: tied for gpt2, untied for llama
+    dtype: str = "bfloat16"  # activations and matmuls
+    param_dtype: str = "float32"  # master weights and optimizer state
+    scan_layers: bool = False  # lax.scan over layers: faster compile, slower step on GPU
+    remat: str = "none"  # none | full | dots (save matmul outputs)
+    attention: str = "auto"  # auto | xla | cudnn | reference
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.flavour == "llama":
+            return 256 * math.ceil(8 * self.d_model / 3 / 256)
+        return 4 * self.d_model
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def padded_vocab(self) -> int:
+        return 128 * math.ceil(self.vocab_size / 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    source: str = "stdlib"  # stdlib (this Python's standard library source) | files
+    path: str = ""  # files: a file, folder or glob of text files
+    vocab_size: int = 2048  # sentencepiece vocabulary to train
+    tokenizer: str = "bpe"  # bpe | unigram
+    tokenizer_path: str = ""  # an existing sentencepiece .model instead of training one
+    tokenizer_sample_bytes: int = 4_000_000  # bounded sample the tokenizer trains on
+    validation_percent: float = 2.0  # files whose path hash falls below this go to validation
+    cache_dir: str = ""  # "": $LMJAX_CACHE or ~/.cache/lmjax
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    data: int = -1  # -1: all devices the other axes leave
+    fsdp: int = 1
+    tensor: int = 1
+    # logical axis -> mesh axis (or axes, or None). Parameters and activations (act_*) differ:
+    # weights shard their embed dim over fsdp, activations shard their batch over data+fsdp.
+    rules: Rules = (
+        ("batch", ("data", "fsdp")),
+        ("act_batch", ("data", "fsdp")),
+        ("act_seq", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+        ("layers", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("positions", None),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False  # norms and biases are never decayed
+    clip_norm: float = 1.0  # global gradient norm; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    microbatches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    peak_tflops: float = 0.0  # 0: the datasheet peak of a known device; MFU omitted on CPU
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    every: int = 0  # 0: save only at the end
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str = "unnamed"
+    model: Model = Model()
+    data: Data = Data()
+    mesh: Mesh = Mesh()
+    optim: Optim = Optim()
+    train: Train = Train()
+    checkpoint: Checkpoint = Checkpoint()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    """`stdlib_tiny` (shipped as `lmjax.experiments.stdlib_tiny`) or a path to a `.py` file."""
+    if name_or_path.endswith(".py") or "/" in name_or_path:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"experiment file {path} does not exist; pass an existing .py file")
+        spec = importlib.util.spec_from_file_location(f"lmjax_experiment_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(f"lmjax.experiments.{name_or_path}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lmjax.experiments.{name_or_path}":
+                raise
+            raise UserError(
+                f"no experiment named {name_or_path!r}; choose one of {list_experiments()} "
+                "or pass a path to a .py file"
+            ) from None
+    if not hasattr(module, "config"):
+        raise UserError(f"experiment {name_or_path} has no config() function; add one")
+    exp = module.config()
+    if not isinstance(exp, Experiment):
+        raise UserError(f"experiment {name_or_path}: config() must return lmjax.config.Experiment")
+    return exp
+
+
+def list_experiments() -> list[str]:
+    import lmjax.experiments
+
+    folder = Path(lmjax.experiments.__file__).parent
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+
+def apply_overrides(exp: Experiment, overrides: list[str]) -> Experiment:
+    """Apply `section.field=value` strings; each value is parsed by the field's declared type."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} is not key=value; write e.g. --set train.steps=100")
+        exp = _set(exp, key.strip(), raw.strip(), key.strip())
+    return exp
+
+
+def _set(obj: Any, dotted: str, raw: str, full_key: str) -> Any:
+    head, _, rest = dotted.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if head not in fields:
+        raise UserError(f"unknown config key {full_key!r}; valid keys under here: {sorted(fields)}")
+    hint = typing.get_type_hints(type(obj))[head]
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if not rest:
+            raise UserError(f"{full_key!r} is a section; set one of its fields, e.g. {full_key}.x=")
+        return dataclasses.replace(obj, **{head: _set(current, rest, raw, full_key)})
+    if rest:
+        raise UserError(f"unknown config key {full_key!r}: {head} has no sub-keys")
+    return dataclasses.replace(obj, **{head: _parse(raw, hint, full_key)})
+
+
+def _parse(raw: str, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if raw.lower() in ("none", "null"):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(raw, inner, key)
+    try:
+        if hint is bool:
+            if raw.lower() in ("true", "1", "yes"):
+                return True
+            if raw.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is str:
+            return raw
+        return _tuples(json.loads(raw))  # structured values (e.g. mesh.rules) as JSON
+    except ValueError:
+        name = getattr(hint, "__name__", str(hint))
+        raise UserError(f"{key}={raw!r} is not a valid {name}; give a {name} value") from None
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
+# --- serialisation ---------------------------------------------------------------------------
+
+
+def to_dict(exp: Experiment) -> dict:
+    return dataclasses.asdict(exp)
+
+
+def from_dict(d: dict) -> Experiment:
+    sections = {f.name: typing.get_type_hints(Experiment)[f.name] for f in dataclasses.fields(Experiment)}
+    kwargs = {}
+    for name, value in d.items():
+        cls = sections[name]
+        kwargs[name] = cls(**{k: _tuples(v) for k, v in value.items()}) if isinstance(value, dict) else value
+    return Experiment(**kwargs)
+
+
+# --- checks that need no jax -----------------------------------------------------------------
+
+
+def validate(exp: Experiment) -> None:
+    """Raise UserError naming the first impossible setting. Device-count checks: `mesh_shape`."""
+    m, t, o, d = exp.model, exp.train, exp.optim, exp.data
+    _require(m.flavour in ("gpt2", "llama"), f"model.flavour={m.flavour!r}: use gpt2 or llama")
+    for key, value in [
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.seq_len", m.seq_len),
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.microbatches", t.microbatches),
+        ("train.log_every", t.log_every),
+        ("train.eval_batches", t.eval_batches),
+        ("data.vocab_size", d.vocab_size),
+    ]:
+        _require(value > 0, f"{key}={value} must be positive")
+    _require(
+        m.d_model % m.n_heads == 0,
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads that divide it",
+    )
+    _require(
+        m.kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
+        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}",
+    )
+    _require(m.flavour == "gpt2" or m.head_dim % 2 == 0, "RoPE needs an even head dim")
+    _require(m.dtype in _DTYPES, f"model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}")
+    _require(
+        m.param_dtype in _DTYPES,
+        f"model.param_dtype={m.param_dtype!r}: use one of {sorted(_DTYPES)}",
+    )
+    _require(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: use none|full|dots")
+    _require(
+        m.attention in ("auto", "xla", "cudnn", "reference"),
+        f"model.attention={m.attention!r}: use auto|xla|cudnn|reference",
+    )
+    _require(
+        t.batch_size % t.microbatches == 0,
+        f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}",
+    )
+    _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
+    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _require(d.source in ("stdlib", "files"), f"data.source={d.source!r}: use stdlib or files")
+    _require(d.source != "files" or d.path, "data.source=files needs data.path=FILE_FOLDER_OR_GLOB")
+    _require(d.tokenizer in ("bpe", "unigram"), f"data.tokenizer={d.tokenizer!r}: use bpe|unigram")
+    _require(
+        0 < d.validation_percent < 50,
+        f"data.validation_percent={d.validation_percent} must be in (0, 50)",
+    )
+    _require(exp.checkpoint.every >= 0, "checkpoint.every must be >= 0")
+    rules = dict(exp.mesh.rules)
+    missing = [name for name in LOGICAL_AXES if name not in rules]
+    _require(not missing, f"mesh.rules has no rule for {missing}; map each to a mesh axis or null")
+    for name, target in exp.mesh.rules:
+        targets = target if isinstance(target, tuple) else (target,)
+        _require(
+            all(t in (None, "data", "fsdp", "tensor") for t in targets),
+            f"mesh.rules maps {name!r} to {target!r}; use data, fsdp, tensor, a list of them or null",
+        )
+    axes = [exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor]
+    _require(
+        all(a == -1 or a > 0 for a in axes) and axes.count(-1) <= 1,
+        f"mesh (data, fsdp, tensor)={tuple(axes)}: sizes must be positive, at most one -1",
+    )
+
+
+def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 and check the mesh and the batch against the device count."""
+    mc, m, t = exp.mesh, exp.model, exp.train
+    sizes = [mc.data, mc.fsdp, mc.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        _require(
+            n_devices % fixed == 0,
+            f"mesh (data, fsdp, tensor)={tuple(sizes)}: the fixed axes multiply to {fixed}, which "
+            f"does not divide the {n_devices} devices; pick sizes whose product divides it",
+        )
+        sizes[sizes.index(-1)] = n_devices // fixed
+    data, fsdp, tensor = sizes
+    _require(
+        data * fsdp * tensor == n_devices,
+        f"mesh data*fsdp*tensor={data}x{fsdp}x{tensor}={data * fsdp * tensor} does not match "
+        f"the {n_devices} devices; make the product {n_devices} or set one axis to -1",
+    )
+    micro = t.batch_size // t.microbatches
+    _require(
+        micro % (data * fsdp) == 0,
+        f"batch per micro-step {micro} (train.batch_size/train.microbatches) is not divisible "
+        f"by mesh.data*mesh.fsdp={data * fsdp}; change train.batch_size or the mesh",
+    )
+    for key, value in [
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.kv_heads),
+        ("model.d_ff", m.ff_dim),
+    ]:
+        _require(
+            value % tensor == 0,
+            f"mesh.tensor={tensor} does not divide {key}={value}; pick a tensor size dividing it",
+        )
+    _require(
+        m.d_model % fsdp == 0,
+        f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}; pick an fsdp size dividing it",
+    )
+    return data, fsdp, tensor
+
+
+_DTYPES = {"float32", "bfloat16", "float16"}
+# Every logical axis name the model and the batch use; mesh.rules must map each one.
+LOGICAL_AXES = (
+    "batch", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
+    "layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "positions",
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)

@@ -1,0 +1,1 @@
+"""Data: corpora -> tokenizer -> token cache -> batches. See sources, tokenizer, cache, loader."""

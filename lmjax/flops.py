@@ -1,0 +1,53 @@
+"""FLOPs per token and model FLOPs utilisation (MFU).
+
+Training FLOPs per token = 6 * N + 12 * L * H * E * T, where N counts the parameters that take
+part in matmuls (attention and MLP weights and the output head; not the embedding lookup,
+positions, norms or biases), L is layers, H*E the attention width and T the sequence length.
+6N is forward (2N) plus backward (4N); the second term is attention's QK^T and AV matmuls
+(PaLM's count, causal masking not halved), the same count nanoGPT uses.
+"""
+
+from __future__ import annotations
+
+from lmjax import config
+
+# Dense bf16 peak TFLOP/s per chip from the datasheets. Matched by substring of device_kind,
+# most specific first.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("TPU v6 lite", 918.0),  # v6e
+    ("TPU v5 lite", 197.0),  # v5e
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
+)
+
+
+def matmul_params(cfg: config.Model) -> int:
+    L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+    mlp = (2 if cfg.flavour == "gpt2" else 3) * D * F
+    attention = D * H * E + 2 * D * K * E + H * E * D
+    return L * (attention + mlp) + D * cfg.padded_vocab
+
+
+def flops_per_token(cfg: config.Model) -> float:
+    """Training FLOPs (forward + backward) per token; see the module docstring."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.seq_len
+
+
+def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:
+    """Datasheet peak per device, an explicit override, or None (CPU and unknown devices)."""
+    if override > 0:
+        return override
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: config.Model, n_devices: int, peak_tflops_per_device: float) -> float:
+    return tokens_per_s * flops_per_token(cfg) / (n_devices * peak_tflops_per_device * 1e12)

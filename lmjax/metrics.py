@@ -1,0 +1,41 @@
+"""Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step) and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class Logger:
+    def __init__(self, workdir: Path, total_steps: int, first_step: int = 0, progress: bool = True):
+        from tqdm import tqdm
+
+        self._file = open(workdir / "metrics.jsonl", "a")
+        self._bar = tqdm(
+            total=total_steps,
+            initial=first_step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        shown = {
+            k: record[k] for k in ("loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu") if k in record
+        }
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        self._bar.update(steps)
+
+    def print(self, message: str) -> None:
+        self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._file.close()

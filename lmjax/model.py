@@ -1,0 +1,221 @@
+"""A decoder-only transformer in Flax NNX, GPT-2 or LLaMA flavour from one config.
+
+gpt2:  LayerNorm, learned positions, GELU MLP, biases, tied embeddings.
+llama: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied head, no biases.
+
+Layer parameters are stored stacked, `[layers, ...]`, and the forward pass either unrolls a
+Python loop over them or `lax.scan`s: the same parameter tree either way. Parameters are kept
+in `param_dtype` (fp32 master weights) and cast to `dtype` for compute. Dimension letters:
+B batch, T sequence, D d_model, H query heads, K kv heads, E head dim, F d_ff, V padded vocab,
+L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmjax import config
+from lmjax.attention import attention
+from lmjax.sharding import constrain
+
+_ACT_BTD = ("act_batch", "act_seq", "act_embed")
+
+
+class Layers(nnx.Module):
+    """All transformer blocks' parameters, each stacked along a leading `layers` axis."""
+
+    def __init__(self, cfg: config.Model, rngs: nnx.Rngs):
+        L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+        param = functools.partial(_param, rngs=rngs, dtype=cfg.param_dtype)
+        normal = nnx.initializers.normal(cfg.init_std)
+        # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays put.
+        out = nnx.initializers.normal(cfg.init_std / (2 * L) ** 0.5)
+        zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
+        gpt2 = cfg.flavour == "gpt2"
+
+        self.attn_norm_scale = param(ones, (L, D), ("layers", "embed"))
+        self.w_q = param(normal, (L, D, H, E), ("layers", "embed", "heads", "head_dim"))
+        self.w_k = param(normal, (L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
+        self.w_v = param(normal, (L, D, K, E), ("layers", "embed", "kv_heads", "head_dim"))
+        self.w_o = param(out, (L, H, E, D), ("layers", "heads", "head_dim", "embed"))
+        self.mlp_norm_scale = param(ones, (L, D), ("layers", "embed"))
+        if gpt2:
+            self.attn_norm_bias = param(zeros, (L, D), ("layers", "embed"))
+            self.b_q = param(zeros, (L, H, E), ("layers", "heads", "head_dim"))
+            self.b_k = param(zeros, (L, K, E), ("layers", "kv_heads", "head_dim"))
+            self.b_v = param(zeros, (L, K, E), ("layers", "kv_heads", "head_dim"))
+            self.b_o = param(zeros, (L, D), ("layers", "embed"))
+            self.mlp_norm_bias = param(zeros, (L, D), ("layers", "embed"))
+            self.w_in = param(normal, (L, D, F), ("layers", "embed", "mlp"))
+            self.b_in = param(zeros, (L, F), ("layers", "mlp"))
+            self.w_out = param(out, (L, F, D), ("layers", "mlp", "embed"))
+            self.b_out = param(zeros, (L, D), ("layers", "embed"))
+        else:
+            self.w_gate = param(normal, (L, D, F), ("layers", "embed", "mlp"))
+            self.w_up = param(normal, (L, D, F), ("layers", "embed", "mlp"))
+            self.w_down = param(out, (L, F, D), ("layers", "mlp", "embed"))
+
+    def arrays(self, dtype: jnp.dtype) -> dict[str, jax.Array]:
+        return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: config.Model, *, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the tokenizer's size) before building")
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.padded_vocab
+        param = functools.partial(_param, rngs=rngs, dtype=cfg.param_dtype)
+        self.embed = param(nnx.initializers.normal(cfg.init_std), (V, D), ("vocab", "embed"))
+        if cfg.flavour == "gpt2":
+            self.pos_embed = param(nnx.initializers.normal(0.01), (cfg.seq_len, D), ("positions", "embed"))
+            self.final_norm_bias = param(nnx.initializers.zeros, (D,), ("embed",))
+        self.final_norm_scale = param(nnx.initializers.ones, (D,), ("embed",))
+        if not cfg.tied:
+            self.head = param(nnx.initializers.normal(cfg.init_std), (D, V), ("embed", "vocab"))
+        self.layers = Layers(cfg, rngs)
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits `[B, T, V]` in the compute dtype; padded vocabulary ids get the dtype's min."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        embed_VD = self.embed[...].astype(dtype)
+        # Gather the table whole before the lookup (as FSDP does for every weight): a lookup
+        # into a vocab/fsdp-sharded table makes XLA replicate it in the backward pass anyway.
+        x_BTD = constrain(embed_VD, (None, "act_embed"))[tokens_BT]
+        if cfg.flavour == "gpt2":
+            x_BTD = x_BTD + self.pos_embed[...].astype(dtype)[positions_BT]
+        x_BTD = constrain(x_BTD, _ACT_BTD)
+
+        block_fn = functools.partial(
+            _block, cfg=cfg, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT
+        )
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
+            block_fn = jax.checkpoint(block_fn, policy=policy)
+        layers = self.layers.arrays(dtype)
+        if cfg.scan_layers:
+            x_BTD, _ = jax.lax.scan(lambda x, p: (block_fn(x, p), None), x_BTD, layers)
+        else:
+            for i in range(cfg.n_layers):
+                x_BTD = block_fn(x_BTD, {k: v[i] for k, v in layers.items()})
+
+        bias = self.final_norm_bias[...] if cfg.flavour == "gpt2" else None
+        h_BTD = _norm(cfg, x_BTD, self.final_norm_scale[...], bias)
+        if cfg.tied:
+            logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embed_VD)
+        else:
+            logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.head[...].astype(dtype))
+        logits_BTV = constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+        real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+        return jnp.where(real_V, logits_BTV, jnp.finfo(dtype).min)
+
+
+def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy (fp32) over unmasked targets, and their count.
+
+    Sums rather than means, so micro-batches and eval batches add up exactly.
+    """
+    logits_BTV = model(batch["inputs"], batch["segment_ids"], batch["positions"]).astype(jnp.float32)
+    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BT = batch["loss_mask"]
+    return ((logz_BT - target_BT) * mask_BT).sum(), mask_BT.sum()
+
+
+def _block(
+    x_BTD: jax.Array,
+    p: dict[str, jax.Array],
+    *,
+    cfg: config.Model,
+    segment_ids_BT: jax.Array | None,
+    positions_BT: jax.Array,
+) -> jax.Array:
+    gpt2 = cfg.flavour == "gpt2"
+    h_BTD = _norm(cfg, x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"))
+    q_BTHE = jnp.einsum("btd,dhe->bthe", h_BTD, p["w_q"])
+    k_BTKE = jnp.einsum("btd,dke->btke", h_BTD, p["w_k"])
+    v_BTKE = jnp.einsum("btd,dke->btke", h_BTD, p["w_v"])
+    if gpt2:
+        q_BTHE, k_BTKE, v_BTKE = q_BTHE + p["b_q"], k_BTKE + p["b_k"], v_BTKE + p["b_v"]
+    else:
+        q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
+        k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
+    q_BTHE = constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None))
+    k_BTKE = constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None))
+    v_BTKE = constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None))
+    o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, implementation=cfg.attention)
+    attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
+    x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)
+
+    h_BTD = _norm(cfg, x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
+    if gpt2:
+        u_BTF = jax.nn.gelu(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]) + p["b_in"])
+        u_BTF = constrain(u_BTF, ("act_batch", "act_seq", "act_mlp"))
+        mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]) + p["b_out"]
+    else:
+        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"])
+        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"])
+        u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
+        mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
+    return constrain(x_BTD + mlp_BTD, _ACT_BTD)
+
+
+def _norm(cfg: config.Model, x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None) -> jax.Array:
+    """LayerNorm (with bias) or RMSNorm, computed in fp32, returned in x's dtype."""
+    x = x_BTD.astype(jnp.float32)
+    if bias_D is not None:
+        x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps)
+    x = x * scale_D.astype(jnp.float32)
+    if bias_D is not None:
+        x = x + bias_D.astype(jnp.float32)
+    return x.astype(x_BTD.dtype)
+
+
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
+    E = x_BTNE.shape[-1]
+    inv_freq_E2 = theta ** (-jnp.arange(0, E, 2, dtype=jnp.float32) / E)
+    angle_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_E2
+    sin_BT1E2, cos_BT1E2 = jnp.sin(angle_BTE2)[:, :, None], jnp.cos(angle_BTE2)[:, :, None]
+    x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_BT1E2 - x2 * sin_BT1E2, x2 * cos_BT1E2 + x1 * sin_BT1E2], -1)
+    return rotated.astype(x_BTNE.dtype)
+
+
+def _param(init, shape: tuple[int, ...], names: tuple[str, ...], *, rngs: nnx.Rngs, dtype: str) -> nnx.Param:
+    # No eager sharding: the jitted initialiser's out_shardings place parameters (sharding.py).
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(dtype)), out_sharding=names, eager_sharding=False)
+
+
+def count_params(cfg: config.Model) -> int:
+    """Closed-form parameter count (the padded embedding table included)."""
+    L, D, H, K, E, F, V = (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.kv_heads,
+        cfg.head_dim,
+        cfg.ff_dim,
+        cfg.padded_vocab,
+    )
+    attn = D * H * E + 2 * D * K * E + H * E * D
+    if cfg.flavour == "gpt2":
+        per_layer = attn + (H + 2 * K) * E + D + 2 * D * F + F + D + 4 * D
+        top = V * D + cfg.seq_len * D + 2 * D
+    else:
+        per_layer = attn + 3 * D * F + 2 * D
+        top = V * D + D
+    return L * per_layer + top + (0 if cfg.tied else D * V)

@@ -1,0 +1,62 @@
+"""The device mesh and the logical-axis rules: where every array lives is decided here.
+
+Parameters carry logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`) and
+activations call `constrain(x, names)`; the experiment's `mesh.rules` map those names to the
+mesh axes data / fsdp / tensor. Run model code inside `use(mesh, rules)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from lmjax import config
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(exp: config.Experiment, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), Auto axis types."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.mesh_shape(exp, len(devices))
+    return jax.sharding.Mesh(
+        np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES)
+    )
+
+
+@contextlib.contextmanager
+def use(mesh: jax.sharding.Mesh, rules: config.Rules) -> Iterator[None]:
+    """Make `mesh` and `rules` current for tracing model code and creating parameters."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield
+
+
+def spec(logical_names: Sequence[str | None]) -> PartitionSpec:
+    """PartitionSpec of logical names under the current rules (names without a rule: None)."""
+    return PartitionSpec(*spmd.from_sharding_rules(tuple(logical_names), spmd.get_logical_axis_rules()))
+
+
+def named(mesh: jax.sharding.Mesh, logical_names: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical_names))
+
+
+def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout; a no-op outside a mesh (single-device use, tests)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(logical_names))
+
+
+def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """NamedShardings for a split model state, from each Param's logical names."""
+    return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,144 @@
+"""Train state created in its sharded layout, and the jitted train and eval steps.
+
+The state is a plain dict `{"params", "opt_state", "step"}` of arrays; the model's structure
+lives in its `graphdef` (`nnx.split`), and the steps are pure functions over the state, jitted
+once with explicit in/out shardings and donation. Sharding is decided in `state_shardings`
+and `batch_sharding`, nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmjax import config, model, optim, sharding
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def abstract_model(cfg: config.Model) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graphdef and parameter shapes, without allocating anything."""
+    abstract = nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def state_shardings(
+    abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> State:
+    """Parameters by their logical names under the rules; optimizer moments like their params."""
+    param_sh = sharding.state_shardings(abstract_params, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
+    )
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return sharding.named(mesh, ("batch", None))
+
+
+def init_state(
+    exp: config.Experiment, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, State, State]:
+    """(graphdef, state, shardings): parameters and optimizer state are created directly on
+    their devices by one jitted initialiser, never whole on one host."""
+    graphdef, abstract_params = abstract_model(exp.model)
+    shardings = state_shardings(abstract_params, tx, mesh)
+
+    def init(key: jax.Array) -> State:
+        params = nnx.state(model.Transformer(exp.model, rngs=nnx.Rngs(params=key)))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(exp.train.seed))
+    return graphdef, state, shardings
+
+
+def put_batch(batch: dict[str, np.ndarray], batch_sh: jax.sharding.NamedSharding) -> Batch:
+    """Host numpy batch -> global device arrays. One process holds the whole global batch
+    here; each process feeding only its own rows is the data and multi-host issues' work."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, v, v.shape) for k, v in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    exp: config.Experiment,
+    shardings: State,
+    mesh: jax.sharding.Mesh,
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """One optimizer step on a global batch, accumulated over `train.microbatches`."""
+    microbatches = exp.train.microbatches
+    lr_schedule = optim.schedule(exp.optim, exp.train.steps)
+
+    def grads_of(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, nnx.State]:
+        def loss_fn(p: nnx.State) -> tuple[jax.Array, jax.Array]:
+            return model.loss_sums(nnx.merge(graphdef, p), batch)
+
+        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss_sum, count, grads
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        if microbatches == 1:
+            loss_sum, count, grads = grads_of(params, batch)
+        else:
+
+            def accumulate(total, micro):
+                return jax.tree.map(jnp.add, total, grads_of(params, micro)), None
+
+            zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            micro = jax.tree.map(lambda x: _split_microbatches(x, microbatches), batch)
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zero, micro)
+        # Sums over all tokens, divided once: accumulation equals the whole-batch step.
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {
+            "loss": loss_sum / count,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": lr_schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: jax.sharding.Mesh
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+    """(summed loss, target count) of one batch."""
+
+    def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        return model.loss_sums(nnx.merge(graphdef, params), batch)
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(param_shardings, batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
+def _split_microbatches(x_B: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...], micro-batch m taking rows m, m+n, ...: every device keeps
+    contributing its own rows to every micro-batch, so the split moves no data."""
+    x = x_B.reshape(x_B.shape[0] // n, n, *x_B.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch") + (None,) * (x_B.ndim - 1))

@@ -1,0 +1,64 @@
+"""8 emulated CPU devices, a shared compilation cache, one tokenized corpus per session."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# A persistent compilation cache shared by this process and the subprocesses tests start.
+CACHE = Path(
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "lmjax-jax-cache"))
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("LMJAX_CACHE", str(Path(tempfile.gettempdir()) / "lmjax-test-data"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_compilation_cache_dir", str(CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+from lmjax import config  # noqa: E402
+from lmjax.data import cache, loader  # noqa: E402
+
+# Small enough that the whole suite stays in minutes on 2 cores, big enough to be a transformer.
+TINY_DATA = config.Data(source="stdlib", vocab_size=512, tokenizer_sample_bytes=1_000_000)
+
+
+def tiny_experiment(flavour: str = "gpt2", *overrides: str) -> config.Experiment:
+    model = config.Model(
+        flavour=flavour,
+        vocab_size=256,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2 if flavour == "llama" else 0,
+        d_ff=64,
+        seq_len=32,
+        dtype="float32",
+        param_dtype="float32",
+    )
+    exp = config.Experiment(
+        name="tiny",
+        model=model,
+        data=TINY_DATA,
+        optim=config.Optim(lr=1e-2, warmup_steps=2),
+        train=config.Train(steps=4, batch_size=8, progress=False),
+        mesh=config.Mesh(data=1, fsdp=1, tensor=1),
+    )
+    return config.apply_overrides(exp, list(overrides))
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens in documents of random lengths, through the real window code."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 3 * seq_len, 200)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    split = cache.Split(rng.integers(3, vocab, lengths.sum()).astype(np.uint16), starts)
+    return loader.windows(split, rng.integers(0, lengths.sum() - seq_len - 1, batch_size), seq_len)
+
+
+@pytest.fixture(scope="session")
+def stdlib_corpus() -> cache.Corpus:
+    return cache.load_or_build(TINY_DATA, log=lambda m: None)

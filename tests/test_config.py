@@ -1,0 +1,155 @@
+"""Overrides parse by type; every bad config exits 2 with one line, before jax compiles."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmjax import config
+from lmjax.config import UserError
+from lmjax.train import main
+
+
+def test_overrides_parse_by_type():
+    exp = config.apply_overrides(
+        config.load_experiment("stdlib_tiny"),
+        [
+            "train.steps=7",
+            "optim.lr=0.5",
+            "model.scan_layers=true",
+            "model.flavour=llama",
+            "model.tie_embeddings=none",
+            'mesh.rules=[["batch", ["data"]]]',
+            "data.path=a=b",
+        ],
+    )
+    assert exp.train.steps == 7 and exp.optim.lr == 0.5 and exp.model.scan_layers is True
+    assert exp.model.flavour == "llama" and exp.model.tie_embeddings is None
+    assert exp.mesh.rules == (("batch", ("data",)),)
+    assert exp.data.path == "a=b"
+
+
+def test_config_round_trips_through_json():
+    exp = config.load_experiment("stdlib_tiny")
+    assert config.from_dict(json.loads(json.dumps(config.to_dict(exp)))) == exp
+
+
+@pytest.mark.parametrize("name", config.list_experiments())
+def test_shipped_experiments_are_valid(name):
+    exp = config.load_experiment(name)
+    config.validate(exp)
+    config.mesh_shape(exp, 8)
+    assert exp.name == name
+    # Each experiment says at the top what it is for, how long it takes and what to expect.
+    doc = importlib.import_module(f"lmjax.experiments.{name}").__doc__
+    assert doc and "What for" in doc and "How long" in doc and "Expect" in doc
+
+
+def test_experiment_by_path(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text(
+        "from lmjax.experiments import stdlib_tiny\nimport dataclasses\n"
+        "def config():\n    e = stdlib_tiny.config()\n    return dataclasses.replace(e, name='mine')\n"
+    )
+    assert config.load_experiment(str(path)).name == "mine"
+
+
+BAD = [
+    (["--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--set", "train.steps=three"], "train.steps='three' is not a valid int"),
+    (["--set", "train"], "not key=value"),
+    (["--set", "model=3"], "is a section"),
+    (["--set", "model.n_heads=5"], "model.n_heads=5 does not divide model.d_model=192"),
+    (["--set", "model.n_kv_heads=4"], "model.n_kv_heads=4 does not divide model.n_heads=6"),
+    (["--set", "model.flavour=bert"], "model.flavour='bert'"),
+    (["--set", "train.microbatches=3"], "train.microbatches=3 does not divide train.batch_size=32"),
+    (["--set", "mesh.fsdp=3"], "multiply to 3, which does not divide the 8 devices"),
+    (["--set", "mesh.data=3"], "=3 does not match the 8 devices"),
+    (
+        ["--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=1"],
+        "does not match the 8 devices",
+    ),
+    (["--set", "train.batch_size=12"], "batch per micro-step 12"),
+    (["--set", "mesh.tensor=8", "--set", "mesh.data=1"], "mesh.tensor=8 does not divide model.n_heads=6"),
+    (["--set", "data.source=files", "--set", "data.path=/nonexistent/corpus"], "matches no files"),
+    (["--set", "data.source=files"], "data.source=files needs data.path"),
+    (["--set", 'mesh.rules=[["batch", "data"]]'], "mesh.rules has no rule for ['act_batch'"),
+    (["--set", "mesh.rules=[[oops"], "mesh.rules='[[oops' is not a valid"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_config_exits_2_with_one_line(extra, message, tmp_path, capsys):
+    assert main(["--experiment", "stdlib_tiny", "--workdir", str(tmp_path / "run"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lmjax: error: ")
+    assert message in err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_unknown_experiment(tmp_path, capsys):
+    assert main(["--experiment", "nope", "--workdir", str(tmp_path)]) == 2
+    assert "no experiment named 'nope'; choose one of" in capsys.readouterr().err
+
+
+def test_real_process_exit_code_and_no_jax_import(tmp_path):
+    """A real interpreter: exit status 2, one line, no traceback, and jax never imported."""
+    code = (
+        "import sys; from lmjax.train import main; rc = main(sys.argv[1:]); "
+        "assert 'jax' not in sys.modules, 'jax was imported before the config was checked'; sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--experiment",
+            "stdlib_tiny",
+            "--workdir",
+            str(tmp_path),
+            "--set",
+            "model.n_heads=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "lmjax: error: model.n_heads=5 does not divide model.d_model=192; pick heads that divide it"
+    ]
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmjax.train",
+            "--experiment",
+            "stdlib_tiny",
+            "--workdir",
+            str(tmp_path),
+            "--set",
+            "optim.lr=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == "lmjax: error: optim.lr=-1.0 must be positive"
+
+
+def test_vocab_smaller_than_tokenizer_is_a_user_error():
+    from lmjax.train import _with_vocab
+
+    exp = config.load_experiment("stdlib_tiny")
+    with pytest.raises(UserError, match="model.vocab_size=100 is smaller than the tokenizer's 2048"):
+        _with_vocab(config.apply_overrides(exp, ["model.vocab_size=100"]), 2048)
+    assert _with_vocab(exp, 2048).model.vocab_size == 2048

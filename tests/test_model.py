@@ -1,0 +1,125 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import synthetic_batch, tiny_experiment
+from flax import nnx
+
+from lmjax import model
+
+FLAVOURS = ["gpt2", "llama"]
+
+
+def _model(flavour, **changes):
+    cfg = dataclasses.replace(tiny_experiment(flavour).model, **changes)
+    return model.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _tokens(B=2, T=32, vocab=256, seed=0):
+    return jax.random.randint(jax.random.key(seed), (B, T), 3, vocab)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_shapes_and_padded_vocab(flavour):
+    m = _model(flavour, vocab_size=200)  # padded to 256
+    logits = m(_tokens(vocab=200))
+    assert logits.shape == (2, 32, 256)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    assert float(probs[..., 200:].max()) == 0.0  # padded ids never receive probability
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_causal(flavour):
+    m = _model(flavour)
+    tokens = _tokens()
+    changed = tokens.at[:, 20].set((tokens[:, 20] + 1) % 256)
+    a, b = m(tokens), m(changed)
+    np.testing.assert_array_equal(a[:, :20], b[:, :20])
+    assert not np.allclose(a[:, 20:], b[:, 20:])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_packed_documents_equal_documents_alone(flavour):
+    """Two documents packed in one row (segment ids, restarted positions) give each the logits
+    it gets alone."""
+    m = _model(flavour)
+    doc_a, doc_b = _tokens(1, 12, seed=1), _tokens(1, 20, seed=2)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    segments = jnp.array([[1] * 12 + [2] * 20])
+    positions = jnp.array([list(range(12)) + list(range(20))])
+    logits = m(packed, segments, positions)
+    np.testing.assert_allclose(logits[:, :12], m(doc_a), atol=2e-5)
+    np.testing.assert_allclose(logits[:, 12:], m(doc_b), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "flavour,changes",
+    [
+        ("gpt2", {}),
+        ("llama", {}),
+        ("llama", {"tie_embeddings": True, "n_kv_heads": 1}),
+        ("gpt2", {"tie_embeddings": False}),
+    ],
+)
+def test_param_count_closed_form(flavour, changes):
+    m = _model(flavour, **changes)
+    actual = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert actual == model.count_params(m.cfg)
+
+
+def test_param_count_gpt2_124m():
+    """The closed form gives GPT-2 small's well-known count (50257 vocab padded to 50304)."""
+    cfg = dataclasses.replace(
+        tiny_experiment("gpt2").model,
+        vocab_size=50257,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        d_ff=0,
+        seq_len=1024,
+    )
+    assert model.count_params(cfg) == 124_475_904
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_scan_remat_and_unrolled_agree(flavour):
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(2, 32, 256).items()}
+    base = _model(flavour)
+    graphdef, params = nnx.split(base)
+
+    def loss_and_grads(cfg):
+        gd = nnx.split(model.Transformer(cfg, rngs=nnx.Rngs(0)))[0]
+        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        return jax.value_and_grad(f)(params)
+
+    want_loss, want_grads = loss_and_grads(base.cfg)
+    for changes in [{"scan_layers": True}, {"remat": "full"}, {"remat": "dots", "scan_layers": True}]:
+        loss, grads = loss_and_grads(dataclasses.replace(base.cfg, **changes))
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want_grads)
+
+
+def test_rope_depends_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+
+    def score(pq, pk):
+        rq = model.rope(q, jnp.array([[pq]]), 10000.0)
+        rk = model.rope(k, jnp.array([[pk]]), 10000.0)
+        return float((rq * rk).sum())
+
+    np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5)
+    assert abs(score(5, 2) - score(5, 4)) > 1e-4
+
+
+def test_loss_sums_by_hand():
+    """Uniform logits: every unmasked target costs ln(vocab); masked targets cost nothing."""
+    m = _model("gpt2")
+    nnx.update(m, jax.tree.map(jnp.zeros_like, nnx.state(m, nnx.Param)))
+    batch = synthetic_batch(2, 32, 256)
+    loss_sum, count = model.loss_sums(m, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert float(count) == batch["loss_mask"].sum() < 64
+    np.testing.assert_allclose(float(loss_sum), float(count) * np.log(256), rtol=1e-5)

@@ -1,0 +1,129 @@
+"""`python -m lmjax.train` end to end on the stdlib corpus, 8 emulated devices, in-process."""
+
+import json
+import math
+
+import pytest
+from conftest import TINY_DATA
+
+from lmjax import config, flops
+from lmjax.train import main
+
+STEPS, BATCH, SEQ = 80, 16, 64
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    argv = [
+        "--experiment",
+        "stdlib_tiny",
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"data.vocab_size={TINY_DATA.vocab_size}",
+        "--set",
+        f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
+        "--set",
+        "model.d_model=64",
+        "--set",
+        "model.n_layers=2",
+        "--set",
+        f"model.seq_len={SEQ}",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        f"train.batch_size={BATCH}",
+        "--set",
+        "train.eval_every=40",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "train.eval_batches=4",
+        "--set",
+        "train.peak_tflops=1.5",
+        "--set",
+        "mesh.data=4",
+        "--set",
+        "mesh.fsdp=2",
+        "--set",
+        "optim.lr=1e-2",
+        "--set",
+        "optim.warmup_steps=10",
+    ]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return workdir, [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
+
+
+def test_held_out_loss_falls_well_below_the_start(run):
+    _, train, evals = run
+    start = math.log(TINY_DATA.vocab_size)  # small init: the first predictions are uniform
+    assert [e["step"] for e in evals] == [40, 80]
+    assert evals[-1]["eval_loss"] < start - 1.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert 0.5 < evals[-1]["eval_bpb"] < 4.0
+
+
+def test_metrics_lines(run):
+    _, train, _ = run
+    assert [r["step"] for r in train] == list(range(10, STEPS + 1, 10))
+    cfg = config.load_experiment("stdlib_tiny").model
+    for r in train:
+        assert set(r) >= {"step", "loss", "grad_norm", "lr", "tokens", "time", "tokens_per_s", "mfu"}
+        assert r["tokens"] == r["step"] * BATCH * SEQ
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    model = config.Model(**{**cfg.__dict__, "d_model": 64, "n_layers": 2, "seq_len": SEQ, "vocab_size": 512})
+    r = train[-1]
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops.flops_per_token(model) / (8 * 1.5e12))
+    assert [r["time"] for r in train] == sorted(r["time"] for r in train)
+    assert train[-1]["lr"] == pytest.approx(1e-3, rel=0.05)  # cosine ends at lr * min_lr_ratio
+
+
+def test_resolved_config_and_tokenizer_are_saved(run):
+    workdir, _, _ = run
+    saved = config.from_dict(json.loads((workdir / "config.json").read_text()))
+    assert saved.model.vocab_size == TINY_DATA.vocab_size  # filled in from the tokenizer
+    assert saved.train.steps == STEPS and saved.mesh.fsdp == 2
+    from lmjax.data.tokenizer import Tokenizer
+
+    assert (
+        Tokenizer.load(workdir / "tokenizer.model").decode(
+            Tokenizer.load(workdir / "tokenizer.model").encode("x = 1\n")
+        )
+        == "x = 1\n"
+    )
+
+
+def test_no_mfu_without_a_known_peak(tmp_path):
+    argv = [
+        "--experiment",
+        "stdlib_tiny",
+        "--workdir",
+        str(tmp_path),
+        "--set",
+        f"data.vocab_size={TINY_DATA.vocab_size}",
+        "--set",
+        f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "model.seq_len=32",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.progress=false",
+    ]
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [2, 3]  # step 1 holds the compile time
+    assert not any("mfu" in r for r in lines)
