@@ -50,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": exp.name,
         "date": datetime.date.today().isoformat(),
         "device": {
-            "kind": device.device_kind, "platform": device.platform, "count": jax.device_count(),
-            "host_cpus": os.cpu_count(), "machine": platform.machine(),
+            "kind": device.device_kind,
+            "platform": device.platform,
+            "count": jax.device_count(),
+            "host_cpus": os.cpu_count(),
+            "machine": platform.machine(),
         },
         "versions": {
             p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "sentencepiece")
-        } | {"python": platform.python_version()},
+        }
+        | {"python": platform.python_version()},
         "config": json.loads((workdir / "config.json").read_text()),
         "overrides": args.set,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),

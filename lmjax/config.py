@@ -377,8 +377,22 @@ def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
 _DTYPES = {"float32", "bfloat16", "float16"}
 # Every logical axis name the model and the batch use; mesh.rules must map each one.
 LOGICAL_AXES = (
-    "batch", "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
-    "layers", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "positions",
+    "batch",
+    "act_batch",
+    "act_seq",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
+    "layers",
+    "embed",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "vocab",
+    "positions",
 )
 
 

@@ -28,10 +28,23 @@ PEAK_TFLOPS = (
 
 
 def matmul_params(cfg: config.Model) -> int:
+    """Parameters that take part in matmuls: attention, MLP and the output head."""
     L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
-    mlp = (2 if cfg.flavour == "gpt2" else 3) * D * F
     attention = D * H * E + 2 * D * K * E + H * E * D
+    mlp = (2 if cfg.flavour == "gpt2" else 3) * D * F
     return L * (attention + mlp) + D * cfg.padded_vocab
+
+
+def count_params(cfg: config.Model) -> int:
+    """All parameters in closed form: the matmul ones, plus the input embedding table when the
+    head is untied, positions, norms and biases."""
+    L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
+    embedding = 0 if cfg.tied else cfg.padded_vocab * D
+    if cfg.flavour == "gpt2":  # LayerNorms with biases, biased projections, learned positions
+        rest = L * (2 * 2 * D + (H + 2 * K) * E + D + F + D) + 2 * D + cfg.seq_len * D
+    else:  # RMSNorm scales only
+        rest = L * 2 * D + D
+    return matmul_params(cfg) + embedding + rest
 
 
 def flops_per_token(cfg: config.Model) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,19 @@ class Logger:
     def close(self) -> None:
         self._bar.close()
         self._file.close()
+
+
+class Throughput:
+    """Tokens per second between readings; `restart` leaves out what should not count
+    (compilation, evaluation)."""
+
+    def __init__(self) -> None:
+        self.restart(0)
+
+    def restart(self, tokens: int) -> None:
+        self._time, self._tokens = time.time(), tokens
+
+    def read(self, tokens: int) -> float:
+        rate = (tokens - self._tokens) / max(time.time() - self._time, 1e-9)
+        self.restart(tokens)
+        return rate

@@ -198,24 +198,3 @@ def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
 def _param(init, shape: tuple[int, ...], names: tuple[str, ...], *, rngs: nnx.Rngs, dtype: str) -> nnx.Param:
     # No eager sharding: the jitted initialiser's out_shardings place parameters (sharding.py).
     return nnx.Param(init(rngs.params(), shape, jnp.dtype(dtype)), out_sharding=names, eager_sharding=False)
-
-
-def count_params(cfg: config.Model) -> int:
-    """Closed-form parameter count (the padded embedding table included)."""
-    L, D, H, K, E, F, V = (
-        cfg.n_layers,
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.kv_heads,
-        cfg.head_dim,
-        cfg.ff_dim,
-        cfg.padded_vocab,
-    )
-    attn = D * H * E + 2 * D * K * E + H * E * D
-    if cfg.flavour == "gpt2":
-        per_layer = attn + (H + 2 * K) * E + D + 2 * D * F + F + D + 4 * D
-        top = V * D + cfg.seq_len * D + 2 * D
-    else:
-        per_layer = attn + 3 * D * F + 2 * D
-        top = V * D + D
-    return L * per_layer + top + (0 if cfg.tied else D * V)

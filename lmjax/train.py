@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from lmjax import config
 from lmjax.config import UserError
+from lmjax.flops import count_params
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,15 +47,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
-    """Train `exp` in `workdir`; returns the last logged metrics and eval results."""
+    """Train `exp` in `workdir`; returns the last logged metrics and held-out results."""
     # jax and the model stack load only now, after the config has been checked.
     import jax
 
     from lmjax import flops, optim, sharding, step
     from lmjax.data import cache, loader
-    from lmjax.metrics import Logger
+    from lmjax.evaluate import HeldOut
+    from lmjax.metrics import Logger, Throughput
 
     workdir = workdir.absolute()
+    if (workdir / "metrics.jsonl").exists():
+        raise UserError(f"{workdir} already holds a run and resuming is not built yet; pass a new --workdir")
     mesh = sharding.make_mesh(exp)  # checks the mesh and batch against the devices first
     corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
     exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
@@ -66,89 +69,65 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     m, t = exp.model, exp.train
     tx = optim.make(exp.optim, t.steps)
     train_batches = loader.TrainBatches(corpus.splits["train"], m.seq_len, t.batch_size, t.seed)
-    val_batches = loader.eval_batches(corpus.splits["validation"], m.seq_len, t.batch_size, t.eval_batches)
-    token_bytes = corpus.tokenizer.token_bytes()
-    val_bytes = sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in val_batches)
-
-    n_devices = mesh.devices.size
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     tokens_per_step = t.batch_size * m.seq_len
     log = Logger(workdir, t.steps, progress=t.progress)
     log.print(
-        f"{exp.name}: {m.flavour} {_millions(m)}M params, mesh data*fsdp*tensor="
-        f"{'x'.join(map(str, mesh.devices.shape))} on {n_devices} {jax.devices()[0].platform} devices"
+        f"{exp.name}: {m.flavour} {count_params(m) / 1e6:.1f}M params, mesh data x fsdp x tensor = "
+        f"{' x '.join(map(str, mesh.devices.shape))} on {jax.device_count()} {jax.default_backend()} devices"
     )
 
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        eval_step = step.make_eval_step(graphdef, shardings["params"], mesh)
         batch_sh = step.batch_sharding(mesh)
-        val_device = [step.put_batch(b, batch_sh) for b in val_batches]
-
-        def evaluate(done: int) -> dict[str, Any]:
-            sums = [eval_step(state["params"], b) for b in val_device]
-            loss_sum = sum(float(s) for s, _ in sums)
-            count = sum(float(c) for _, c in sums)
-            record = {
-                "step": done,
-                "eval_loss": loss_sum / count,
-                "eval_bpb": loss_sum / math.log(2) / val_bytes,
-            }
-            log.write(record)
-            return record
-
-        start = time.time()
-        clock = {"time": start, "tokens": 0}  # throughput is measured from the end of step 1
+        held_out = HeldOut(
+            loader.eval_batches(corpus.splits["validation"], m.seq_len, t.batch_size, t.eval_batches),
+            corpus.tokenizer.token_bytes(),
+            step.make_eval_step(graphdef, shardings["params"], mesh),
+            batch_sh,
+        )
+        start, throughput = time.time(), Throughput()
         last: dict[str, Any] = {}
 
         def report(done: int, metrics: dict[str, jax.Array]) -> None:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now, tokens = time.time(), done * tokens_per_step
+            """Log step `done`'s metrics; only steps that are logged wait for the device."""
             if done == 1:
-                clock.update(time=now, tokens=tokens)  # step 1 includes compilation
-                return
-            if done % t.log_every and done != t.steps:
-                return
-            tokens_per_s = (tokens - clock["tokens"]) / max(now - clock["time"], 1e-9)
-            clock.update(time=now, tokens=tokens)
-            record = {
-                "step": done,
-                **values,
-                "tokens": tokens,
-                "time": now - start,
-                "tokens_per_s": tokens_per_s,
-            }
-            if peak:
-                record["mfu"] = flops.mfu(tokens_per_s, m, n_devices, peak)
-            log.write(record)
-            last.update(record)
+                jax.block_until_ready(metrics)
+                throughput.restart(tokens_per_step)  # step 1 holds the compilation
+            elif done % t.log_every == 0 or done == t.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                tokens = done * tokens_per_step
+                record = {"step": done, **values, "tokens": tokens, "time": time.time() - start}
+                record["tokens_per_s"] = throughput.read(tokens)
+                if peak:
+                    record["mfu"] = flops.mfu(record["tokens_per_s"], m, mesh.devices.size, peak)
+                log.write(record)
+                last.update(record)
 
-        pending = None  # metrics are read one step late, so the host never waits on the device
-        eval_record: dict[str, Any] = {}
+        pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         for s in range(t.steps):
-            batch = step.put_batch(train_batches(s), batch_sh)
-            state, metrics = train_step(state, batch)
-            if pending is not None:
+            done = s + 1
+            state, metrics = train_step(state, step.put_batch(train_batches(s), batch_sh))
+            if pending:
                 report(*pending)
-            pending = (s + 1, metrics)
-            if s == 0:
+            pending = (done, metrics)
+            log.advance()
+            evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
+            if done == 1 or evaluate_now:
                 report(*pending)
                 pending = None
-            log.advance()
-            if (t.eval_every and (s + 1) % t.eval_every == 0) or s + 1 == t.steps:
-                if pending is not None:
-                    report(*pending)
-                    pending = None
-                eval_record = evaluate(s + 1)
+            if evaluate_now:
+                last.update(held_out(state["params"]))
+                log.write({"step": done, "eval_loss": last["eval_loss"], "eval_bpb": last["eval_bpb"]})
+                throughput.restart(done * tokens_per_step)
         log.close()
-    jax.block_until_ready(state)
     print(
-        f"done: {t.steps} steps, loss {last.get('loss', float('nan')):.4f}, "
-        f"eval_loss {eval_record['eval_loss']:.4f}, eval_bpb {eval_record['eval_bpb']:.4f} ({workdir})",
+        f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "
+        f"{last['eval_bpb']:.4f} bits/byte ({workdir})",
         file=sys.stderr,
     )
-    return {**last, **eval_record}
+    return last
 
 
 def _with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experiment:
@@ -161,12 +140,6 @@ def _with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experime
             f"{tokenizer_vocab} pieces; set model.vocab_size=0 to take the tokenizer's"
         )
     return exp
-
-
-def _millions(m: config.Model) -> str:
-    from lmjax.model import count_params
-
-    return f"{count_params(m) / 1e6:.1f}"
 
 
 if __name__ == "__main__":

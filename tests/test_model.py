@@ -7,7 +7,7 @@ import pytest
 from conftest import synthetic_batch, tiny_experiment
 from flax import nnx
 
-from lmjax import model
+from lmjax import flops, model
 
 FLAVOURS = ["gpt2", "llama"]
 
@@ -67,7 +67,7 @@ def test_packed_documents_equal_documents_alone(flavour):
 def test_param_count_closed_form(flavour, changes):
     m = _model(flavour, **changes)
     actual = sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
-    assert actual == model.count_params(m.cfg)
+    assert actual == flops.count_params(m.cfg)
 
 
 def test_param_count_gpt2_124m():
@@ -81,7 +81,7 @@ def test_param_count_gpt2_124m():
         d_ff=0,
         seq_len=1024,
     )
-    assert model.count_params(cfg) == 124_475_904
+    assert flops.count_params(cfg) == 124_475_904
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -123,3 +123,30 @@ def test_loss_sums_by_hand():
     loss_sum, count = model.loss_sums(m, {k: jnp.asarray(v) for k, v in batch.items()})
     assert float(count) == batch["loss_mask"].sum() < 64
     np.testing.assert_allclose(float(loss_sum), float(count) * np.log(256), rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_bf16_compute_tracks_fp32(flavour):
+    """The default GPU setting (bf16 compute over fp32 weights) runs and stays close to fp32."""
+    m32 = _model(flavour)
+    m16 = model.Transformer(dataclasses.replace(m32.cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    tokens = _tokens()
+    logits16 = m16(tokens)
+    assert logits16.dtype == jnp.bfloat16
+    assert jax.tree.leaves(nnx.state(m16, nnx.Param))[0].dtype == jnp.float32
+    p32 = jax.nn.softmax(m32(tokens), -1)
+    p16 = jax.nn.softmax(logits16.astype(jnp.float32), -1)
+    assert float(jnp.abs(p32 - p16).max()) < 2e-2
+
+
+def test_every_logical_axis_has_a_rule():
+    from lmjax import config
+
+    names = set()
+    for flavour in FLAVOURS:
+        for var in jax.tree.leaves(
+            nnx.state(_model(flavour, tie_embeddings=False)), is_leaf=lambda x: isinstance(x, nnx.Variable)
+        ):
+            names |= set(var.get_metadata()["out_sharding"])
+    assert names <= set(config.LOGICAL_AXES)
+    assert names >= {"vocab", "embed", "mlp", "heads", "kv_heads", "layers"}

@@ -27,6 +27,8 @@ def run(tmp_path_factory):
         "--set",
         "model.d_model=64",
         "--set",
+        "model.n_heads=4",
+        "--set",
         "model.n_layers=2",
         "--set",
         f"model.seq_len={SEQ}",
@@ -74,7 +76,9 @@ def test_metrics_lines(run):
         assert set(r) >= {"step", "loss", "grad_norm", "lr", "tokens", "time", "tokens_per_s", "mfu"}
         assert r["tokens"] == r["step"] * BATCH * SEQ
         assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
-    model = config.Model(**{**cfg.__dict__, "d_model": 64, "n_layers": 2, "seq_len": SEQ, "vocab_size": 512})
+    model = config.Model(
+        **{**cfg.__dict__, "d_model": 64, "n_heads": 4, "n_layers": 2, "seq_len": SEQ, "vocab_size": 512}
+    )
     r = train[-1]
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops.flops_per_token(model) / (8 * 1.5e12))
     assert [r["time"] for r in train] == sorted(r["time"] for r in train)
@@ -109,6 +113,8 @@ def test_no_mfu_without_a_known_peak(tmp_path):
         "--set",
         "model.d_model=32",
         "--set",
+        "model.n_heads=4",
+        "--set",
         "model.n_layers=1",
         "--set",
         "model.seq_len=32",
@@ -127,3 +133,11 @@ def test_no_mfu_without_a_known_peak(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == [2, 3]  # step 1 holds the compile time
     assert not any("mfu" in r for r in lines)
+
+
+def test_a_workdir_with_a_run_is_not_overwritten(run, capsys):
+    workdir, _, _ = run
+    before = (workdir / "metrics.jsonl").read_text()
+    assert main(["--experiment", "stdlib_tiny", "--workdir", str(workdir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (workdir / "metrics.jsonl").read_text() == before

@@ -42,6 +42,7 @@ def cache_root(cfg: config.Data) -> Path:
 def key(cfg: config.Data) -> str:
     settings = (
         _FORMAT,
+        sorted(tokenizer.TRAINER_SETTINGS.items()),
         sources.fingerprint(cfg),
         cfg.vocab_size,
         cfg.tokenizer,

@@ -20,6 +20,24 @@ from lmjax import config
 from lmjax.config import UserError
 
 BOS_ID, EOS_ID = 1, 2
+# Part of the token cache's key (cache.py): changing any of these retokenizes.
+TRAINER_SETTINGS = dict(
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    byte_fallback=True,
+    split_digits=True,
+    character_coverage=0.9995,
+    user_defined_symbols=["\n"],
+    unk_id=0,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    pad_id=-1,
+    max_sentence_length=1 << 16,
+    num_threads=2,
+    minloglevel=2,
+)
 
 
 class Tokenizer:
@@ -88,21 +106,7 @@ def train(texts: list[str], cfg: config.Data, seed: int = 0) -> Tokenizer:
             model_writer=model,
             vocab_size=cfg.vocab_size,
             model_type=cfg.tokenizer,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            byte_fallback=True,
-            split_digits=True,
-            character_coverage=0.9995,
-            user_defined_symbols=["\n"],
-            unk_id=0,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=-1,
-            max_sentence_length=1 << 16,
-            num_threads=2,
-            minloglevel=2,
+            **TRAINER_SETTINGS,
         )
     except RuntimeError as e:
         raise UserError(f"tokenizer training failed ({e}); lower data.vocab_size or add text") from None
