@@ -8,17 +8,18 @@ mesh axes data / fsdp / tensor. Run model code inside `use(mesh, rules)`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from flax.core import spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lmjax import config
 
 AXES = ("data", "fsdp", "tensor")
+_RULES: contextvars.ContextVar[config.Rules] = contextvars.ContextVar("lmjax_rules", default=())
 
 
 def make_mesh(exp: config.Experiment, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -32,14 +33,20 @@ def make_mesh(exp: config.Experiment, devices: Sequence[jax.Device] | None = Non
 
 @contextlib.contextmanager
 def use(mesh: jax.sharding.Mesh, rules: config.Rules) -> Iterator[None]:
-    """Make `mesh` and `rules` current for tracing model code and creating parameters."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        yield
+    """Make `mesh` and `rules` current for tracing model code and placing state."""
+    token = _RULES.set(rules)
+    try:
+        # flax reads its own copy of the rules when it shapes variables under a mesh.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            yield
+    finally:
+        _RULES.reset(token)
 
 
 def spec(logical_names: Sequence[str | None]) -> PartitionSpec:
-    """PartitionSpec of logical names under the current rules (names without a rule: None)."""
-    return PartitionSpec(*spmd.from_sharding_rules(tuple(logical_names), spmd.get_logical_axis_rules()))
+    """PartitionSpec of logical names under the current rules (None stays unsharded)."""
+    rules = dict(_RULES.get())
+    return PartitionSpec(*(None if name is None else rules[name] for name in logical_names))
 
 
 def named(mesh: jax.sharding.Mesh, logical_names: Sequence[str | None]) -> NamedSharding:
@@ -55,7 +62,11 @@ def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
 
 def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
     """NamedShardings for a split model state, from each Param's logical names."""
-    return nnx.get_named_sharding(abstract_state, mesh)
+
+    def place(var: nnx.Variable) -> nnx.Variable:
+        return var.replace(named(mesh, var.get_metadata()["out_sharding"]))
+
+    return jax.tree.map(place, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

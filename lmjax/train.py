@@ -92,7 +92,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
         def report(done: int, metrics: dict[str, jax.Array]) -> None:
             """Log step `done`'s metrics; only steps that are logged wait for the device."""
-            if done == 1:
+            if done == 1 and t.steps > 1:
                 jax.block_until_ready(metrics)
                 throughput.restart(tokens_per_step)  # step 1 holds the compilation
             elif done % t.log_every == 0 or done == t.steps:

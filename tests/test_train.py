@@ -100,39 +100,41 @@ def test_resolved_config_and_tokenizer_are_saved(run):
     )
 
 
-def test_no_mfu_without_a_known_peak(tmp_path):
-    argv = [
-        "--experiment",
-        "stdlib_tiny",
-        "--workdir",
-        str(tmp_path),
-        "--set",
+def _tiny_argv(workdir, *extra):
+    sets = [
         f"data.vocab_size={TINY_DATA.vocab_size}",
-        "--set",
         f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
-        "--set",
         "model.d_model=32",
-        "--set",
         "model.n_heads=4",
-        "--set",
         "model.n_layers=1",
-        "--set",
         "model.seq_len=32",
-        "--set",
-        "train.steps=3",
-        "--set",
         "train.batch_size=8",
-        "--set",
-        "train.log_every=1",
-        "--set",
         "train.eval_batches=1",
-        "--set",
         "train.progress=false",
+        *extra,
     ]
-    assert main(argv) == 0
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return ["--experiment", "stdlib_tiny", "--workdir", str(workdir)] + [
+        a for s in sets for a in ("--set", s)
+    ]
+
+
+def _metrics(workdir):
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_mfu_without_a_known_peak(tmp_path):
+    assert main(_tiny_argv(tmp_path, "train.steps=3", "train.log_every=1")) == 0
+    lines = _metrics(tmp_path)
     assert [r["step"] for r in lines if "loss" in r] == [2, 3]  # step 1 holds the compile time
     assert not any("mfu" in r for r in lines)
+
+
+def test_a_single_step_run_logs_its_step(tmp_path):
+    assert main(_tiny_argv(tmp_path, "train.steps=1")) == 0
+    assert [sorted(r) for r in _metrics(tmp_path)] == [
+        ["grad_norm", "loss", "lr", "step", "time", "tokens", "tokens_per_s"],
+        ["eval_bpb", "eval_loss", "step"],
+    ]
 
 
 def test_a_workdir_with_a_run_is_not_overwritten(run, capsys):
