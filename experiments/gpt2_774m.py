@@ -2,7 +2,8 @@
 
 What for: nanoGPT's and nanodo's second measured size (batch 8, seq 1024, bf16).
 Data: as gpt2_124m (stdlib, 32768-piece BPE), so ~752M parameters here.
-How long: about 10 minutes on one H100/H200 (~85k tokens/s) plus compile; not for CPUs.
+How long: estimated ~10 minutes on one H100/H200 at nanoGPT's 85k tokens/s (49M tokens;
+not yet measured), plus compile; not for CPUs.
 Expect: memorises stdlib; useful for speed and memory, and as the base of real-data runs.
 """
 

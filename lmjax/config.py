@@ -284,6 +284,25 @@ def validate(exp: Experiment) -> None:
         ("data.vocab_size", d.vocab_size),
     ]:
         _require(value > 0, f"{key}={value} must be positive")
+    for key, value in [
+        ("model.n_kv_heads", m.n_kv_heads),
+        ("model.d_ff", m.d_ff),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.clip_norm", o.clip_norm),
+        ("train.eval_every", t.eval_every),
+        ("train.peak_tflops", t.peak_tflops),
+        ("checkpoint.every", exp.checkpoint.every),
+    ]:
+        _require(value >= 0, f"{key}={value} must be >= 0")
+    for key, value in [
+        ("model.init_std", m.init_std),
+        ("model.norm_eps", m.norm_eps),
+        ("model.rope_theta", m.rope_theta),
+        ("optim.eps", o.eps),
+    ]:
+        _require(value > 0, f"{key}={value} must be positive")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
     _require(
         m.d_model % m.n_heads == 0,
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads that divide it",
@@ -317,7 +336,6 @@ def validate(exp: Experiment) -> None:
         0 < d.validation_percent < 50,
         f"data.validation_percent={d.validation_percent} must be in (0, 50)",
     )
-    _require(exp.checkpoint.every >= 0, "checkpoint.every must be >= 0")
     rules = dict(exp.mesh.rules)
     missing = [name for name in LOGICAL_AXES if name not in rules]
     _require(not missing, f"mesh.rules has no rule for {missing}; map each to a mesh axis or null")
@@ -367,6 +385,11 @@ def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
             value % tensor == 0,
             f"mesh.tensor={tensor} does not divide {key}={value}; pick a tensor size dividing it",
         )
+    _require(
+        m.padded_vocab % tensor == 0,
+        f"mesh.tensor={tensor} does not divide the padded vocabulary {m.padded_vocab}; "
+        "pick a tensor size dividing 128",
+    )
     _require(
         m.d_model % fsdp == 0,
         f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}; pick an fsdp size dividing it",

@@ -16,6 +16,7 @@ from lmjax import config
 PEAK_TFLOPS = (
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("A100", 312.0),
     ("L4", 121.0),

@@ -34,17 +34,23 @@ def schedule(cfg: config.Optim, steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
-    """True where weight decay applies: matrices (`w_*`, `head`), embeddings if asked."""
+    """True where weight decay applies: matrices (`w_*`, an untied `head`), and the embedding
+    tables only if asked. With tied embeddings (gpt2) the output head *is* the embedding
+    table, so it follows `decay_embeddings` (nanoGPT decays it; we default to not)."""
 
     def decays(path: tuple, _leaf: Any) -> bool:
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "value" and len(path) > 1:  # nnx.State leaves may end in a `value` key
-            name = str(getattr(path[-2], "key", path[-2]))
+        name = _param_name(path)
         if name in _EMBEDDINGS:
             return decay_embeddings
         return name.startswith("w_") or name == "head"
 
     return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _param_name(path: tuple) -> str:
+    """The parameter's attribute name: nnx.State paths end in a `.value` attribute key."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return names[-2] if names[-1] == "value" and len(names) > 1 else names[-1]
 
 
 def make(cfg: config.Optim, steps: int) -> optax.GradientTransformation:

@@ -59,9 +59,10 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     workdir = workdir.absolute()
     if (workdir / "metrics.jsonl").exists():
         raise UserError(f"{workdir} already holds a run and resuming is not built yet; pass a new --workdir")
-    mesh = sharding.make_mesh(exp)  # checks the mesh and batch against the devices first
+    config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
     corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
     exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
+    mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
     corpus.tokenizer.save(workdir / "tokenizer.model")

@@ -76,6 +76,12 @@ BAD = [
     (["--set", "mesh.tensor=8", "--set", "mesh.data=1"], "mesh.tensor=8 does not divide model.n_heads=6"),
     (["--set", "data.source=files", "--set", "data.path=/nonexistent/corpus"], "matches no files"),
     (["--set", "data.source=files"], "data.source=files needs data.path"),
+    (["--set", "model.n_kv_heads=-1"], "model.n_kv_heads=-1 must be >= 0"),
+    (["--set", "model.d_ff=-5"], "model.d_ff=-5 must be >= 0"),
+    (["--set", "optim.warmup_steps=-3"], "optim.warmup_steps=-3 must be >= 0"),
+    (["--set", "optim.weight_decay=-1"], "optim.weight_decay=-1.0 must be >= 0"),
+    (["--set", "train.eval_every=-1"], "train.eval_every=-1 must be >= 0"),
+    (["--set", "optim.b2=1"], "optim.b2=1.0 must be in [0, 1)"),
     (["--set", 'mesh.rules=[["batch", "data"]]'], "mesh.rules has no rule for ['act_batch'"),
     (["--set", "mesh.rules=[[oops"], "mesh.rules='[[oops' is not a valid"),
 ]
@@ -153,3 +159,13 @@ def test_vocab_smaller_than_tokenizer_is_a_user_error():
     with pytest.raises(UserError, match="model.vocab_size=100 is smaller than the tokenizer's 2048"):
         _with_vocab(config.apply_overrides(exp, ["model.vocab_size=100"]), 2048)
     assert _with_vocab(exp, 2048).model.vocab_size == 2048
+
+
+def test_tensor_axis_must_divide_the_padded_vocabulary():
+    exp = config.apply_overrides(
+        config.load_experiment("stdlib_tiny"),
+        ["mesh.data=2", "mesh.tensor=3", "model.vocab_size=200", "train.batch_size=4"],
+    )
+    with pytest.raises(UserError, match="mesh.tensor=3 does not divide the padded vocabulary 256"):
+        config.mesh_shape(exp, 6)  # e.g. a box of 6 GPUs
+    assert config.mesh_shape(config.apply_overrides(exp, ["model.vocab_size=300"]), 6) == (2, 1, 3)

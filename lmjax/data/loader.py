@@ -49,7 +49,8 @@ class TrainBatches:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, step])
-        starts_B = rng.integers(0, len(self.split.tokens) - self.seq_len - 1, self.batch_size)
+        # A window holds seq_len + 1 tokens, so the last start is n - seq_len - 1 (inclusive).
+        starts_B = rng.integers(0, len(self.split.tokens) - self.seq_len, self.batch_size)
         return windows(self.split, starts_B, self.seq_len)
 
 
