@@ -271,37 +271,10 @@ def validate(exp: Experiment) -> None:
     """Raise UserError naming the first impossible setting. Device-count checks: `mesh_shape`."""
     m, t, o, d = exp.model, exp.train, exp.optim, exp.data
     _require(m.flavour in ("gpt2", "llama"), f"model.flavour={m.flavour!r}: use gpt2 or llama")
-    for key, value in [
-        ("model.d_model", m.d_model),
-        ("model.n_layers", m.n_layers),
-        ("model.n_heads", m.n_heads),
-        ("model.seq_len", m.seq_len),
-        ("train.steps", t.steps),
-        ("train.batch_size", t.batch_size),
-        ("train.microbatches", t.microbatches),
-        ("train.log_every", t.log_every),
-        ("train.eval_batches", t.eval_batches),
-        ("data.vocab_size", d.vocab_size),
-    ]:
-        _require(value > 0, f"{key}={value} must be positive")
-    for key, value in [
-        ("model.n_kv_heads", m.n_kv_heads),
-        ("model.d_ff", m.d_ff),
-        ("optim.warmup_steps", o.warmup_steps),
-        ("optim.weight_decay", o.weight_decay),
-        ("optim.clip_norm", o.clip_norm),
-        ("train.eval_every", t.eval_every),
-        ("train.peak_tflops", t.peak_tflops),
-        ("checkpoint.every", exp.checkpoint.every),
-    ]:
-        _require(value >= 0, f"{key}={value} must be >= 0")
-    for key, value in [
-        ("model.init_std", m.init_std),
-        ("model.norm_eps", m.norm_eps),
-        ("model.rope_theta", m.rope_theta),
-        ("optim.eps", o.eps),
-    ]:
-        _require(value > 0, f"{key}={value} must be positive")
+    for key in _POSITIVE:
+        _require(_get(exp, key) > 0, f"{key}={_get(exp, key)} must be positive")
+    for key in _NON_NEGATIVE:
+        _require(_get(exp, key) >= 0, f"{key}={_get(exp, key)} must be >= 0")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
     _require(
         m.d_model % m.n_heads == 0,
@@ -309,9 +282,13 @@ def validate(exp: Experiment) -> None:
     )
     _require(
         m.kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
-        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}",
+        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+        "pick a divisor of it (0 means n_heads)",
     )
-    _require(m.flavour == "gpt2" or m.head_dim % 2 == 0, "RoPE needs an even head dim")
+    _require(
+        m.flavour == "gpt2" or m.head_dim % 2 == 0,
+        f"head dim model.d_model/model.n_heads={m.head_dim} is odd; RoPE needs it even: change either",
+    )
     _require(m.dtype in _DTYPES, f"model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}")
     _require(
         m.param_dtype in _DTYPES,
@@ -327,7 +304,6 @@ def validate(exp: Experiment) -> None:
         f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}",
     )
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
-    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _require(d.source in ("stdlib", "files"), f"data.source={d.source!r}: use stdlib or files")
     _require(d.source != "files" or d.path, "data.source=files needs data.path=FILE_FOLDER_OR_GLOB")
@@ -398,6 +374,33 @@ def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
+_POSITIVE = (
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.seq_len",
+    "model.init_std",
+    "model.norm_eps",
+    "model.rope_theta",
+    "optim.lr",
+    "optim.eps",
+    "train.steps",
+    "train.batch_size",
+    "train.microbatches",
+    "train.log_every",
+    "train.eval_batches",
+    "data.vocab_size",
+)
+_NON_NEGATIVE = (
+    "model.n_kv_heads",
+    "model.d_ff",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.clip_norm",
+    "train.eval_every",
+    "train.peak_tflops",
+    "checkpoint.every",
+)
 # Every logical axis name the model and the batch use; mesh.rules must map each one.
 LOGICAL_AXES = (
     "batch",
@@ -417,6 +420,11 @@ LOGICAL_AXES = (
     "vocab",
     "positions",
 )
+
+
+def _get(exp: Experiment, dotted: str) -> Any:
+    section, field = dotted.split(".")
+    return getattr(getattr(exp, section), field)
 
 
 def _require(ok: bool, message: str) -> None:
