@@ -271,10 +271,10 @@ def validate(exp: Experiment) -> None:
     """Raise UserError naming the first impossible setting. Device-count checks: `mesh_shape`."""
     m, t, o, d = exp.model, exp.train, exp.optim, exp.data
     _require(m.flavour in ("gpt2", "llama"), f"model.flavour={m.flavour!r}: use gpt2 or llama")
-    for key in _POSITIVE:
-        _require(_get(exp, key) > 0, f"{key}={_get(exp, key)} must be positive")
-    for key in _NON_NEGATIVE:
-        _require(_get(exp, key) >= 0, f"{key}={_get(exp, key)} must be >= 0")
+    for key, value in ((k, _get(exp, k)) for k in _POSITIVE):
+        _require(value > 0, f"{key}={value} must be positive")
+    for key, value in ((k, _get(exp, k)) for k in _NON_NEGATIVE):
+        _require(value >= 0, f"{key}={value} must be >= 0")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
     _require(
         m.d_model % m.n_heads == 0,
