@@ -68,16 +68,38 @@ class Model:
         return 128 * math.ceil(self.vocab_size / 128)
 
 
+SOURCES = ("stdlib", "files", "jsonl", "parquet", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One corpus. `data.source=mixture` trains on several, drawn by `weight`."""
+
+    source: str = "stdlib"  # stdlib | files | jsonl | parquet | tfds
+    path: str = ""  # files/jsonl/parquet: a file, folder or glob | tfds: data dir or prepared dir
+    name: str = ""  # tfds: the dataset name, e.g. lmjax_stdlib
+    field: str = "text"  # jsonl: the field | parquet: the column | tfds: the feature
+    weight: float = 1.0  # share of training windows in a mixture
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
-    source: str = "stdlib"  # stdlib (this Python's standard library source) | files
-    path: str = ""  # files: a file, folder or glob of text files
+    source: str = "stdlib"  # stdlib (this Python's standard library source) | one of SOURCES | mixture
+    path: str = ""  # files/jsonl/parquet: a file, folder or glob | tfds: data dir or prepared dir
+    name: str = ""  # tfds: the dataset name
+    field: str = "text"  # jsonl: the field | parquet: the column | tfds: the feature
+    mixture: tuple[Source, ...] = ()  # source=mixture: the corpora and their weights
     vocab_size: int = 2048  # sentencepiece vocabulary to train
     tokenizer: str = "bpe"  # bpe | unigram
     tokenizer_path: str = ""  # an existing sentencepiece .model instead of training one
     tokenizer_sample_bytes: int = 4_000_000  # bounded sample the tokenizer trains on
-    validation_percent: float = 2.0  # files whose path hash falls below this go to validation
+    validation_percent: float = 2.0  # documents whose key hash falls below this go to validation
     cache_dir: str = ""  # "": $LMJAX_CACHE or ~/.cache/lmjax
+
+    def components(self) -> tuple[Source, ...]:
+        if self.source == "mixture":
+            return self.mixture
+        return (Source(self.source, self.path, self.name, self.field),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +260,25 @@ def _parse(raw: str, hint: Any, key: str) -> Any:
             return float(raw)
         if hint is str:
             return raw
-        return _tuples(json.loads(raw))  # structured values (e.g. mesh.rules) as JSON
-    except ValueError:
+        return _structured(json.loads(raw), hint, key)  # e.g. mesh.rules, data.mixture, as JSON
+    except (ValueError, TypeError):
         name = getattr(hint, "__name__", str(hint))
         raise UserError(f"{key}={raw!r} is not a valid {name}; give a {name} value") from None
 
 
 def _tuples(x: Any) -> Any:
     return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
+def _structured(value: Any, hint: Any, key: str) -> Any:
+    """JSON lists become tuples; a list of objects for `tuple[Source, ...]` becomes Sources."""
+    if hint == tuple[Source, ...]:
+        names = {f.name for f in dataclasses.fields(Source)}
+        for item in value:
+            unknown = set(item) - names if isinstance(item, dict) else {"(not an object)"}
+            _require(not unknown, f"{key}: unknown source fields {sorted(unknown)}; use {sorted(names)}")
+        return tuple(Source(**item) for item in value)
+    return _tuples(value)
 
 
 # --- serialisation ---------------------------------------------------------------------------
@@ -260,7 +293,12 @@ def from_dict(d: dict) -> Experiment:
     kwargs = {}
     for name, value in d.items():
         cls = sections[name]
-        kwargs[name] = cls(**{k: _tuples(v) for k, v in value.items()}) if isinstance(value, dict) else value
+        hints = typing.get_type_hints(cls) if isinstance(value, dict) else {}
+        kwargs[name] = (
+            cls(**{k: _structured(v, hints[k], k) for k, v in value.items()})
+            if isinstance(value, dict)
+            else value
+        )
     return Experiment(**kwargs)
 
 
@@ -305,8 +343,7 @@ def validate(exp: Experiment) -> None:
     )
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    _require(d.source in ("stdlib", "files"), f"data.source={d.source!r}: use stdlib or files")
-    _require(d.source != "files" or d.path, "data.source=files needs data.path=FILE_FOLDER_OR_GLOB")
+    _validate_sources(d)
     _require(d.tokenizer in ("bpe", "unigram"), f"data.tokenizer={d.tokenizer!r}: use bpe|unigram")
     _require(
         0 < d.validation_percent < 50,
@@ -326,6 +363,30 @@ def validate(exp: Experiment) -> None:
         all(a == -1 or a > 0 for a in axes) and axes.count(-1) <= 1,
         f"mesh (data, fsdp, tensor)={tuple(axes)}: sizes must be positive, at most one -1",
     )
+
+
+def _validate_sources(d: Data) -> None:
+    _require(
+        d.source in (*SOURCES, "mixture"),
+        f"data.source={d.source!r}: use one of {', '.join(SOURCES)} or mixture",
+    )
+    _require(
+        d.source != "mixture" or d.mixture,
+        'data.source=mixture needs data.mixture=[{"source": ..., "weight": ...}, ...]',
+    )
+    for i, c in enumerate(d.components()):
+        where = f"data.mixture[{i}]." if d.source == "mixture" else "data."
+        _require(c.source in SOURCES, f"{where}source={c.source!r}: use one of {', '.join(SOURCES)}")
+        _require(
+            c.source not in ("files", "jsonl", "parquet") or c.path,
+            f"{where}source={c.source} needs {where}path=FILE_FOLDER_OR_GLOB",
+        )
+        _require(
+            c.source != "tfds" or c.name or c.path,
+            f"{where}source=tfds needs {where}name=DATASET (or {where}path=a prepared dataset folder)",
+        )
+        _require(c.source not in ("jsonl", "parquet", "tfds") or c.field, f"{where}field must name the text")
+        _require(c.weight > 0, f"{where}weight={c.weight} must be positive")
 
 
 def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:

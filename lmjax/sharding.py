@@ -71,3 +71,18 @@ def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.S
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def host_rows(
+    batch_sharding: jax.sharding.Sharding, batch_size: int, devices: Sequence | None = None
+) -> np.ndarray:
+    """Rows of the global batch that `devices` (default: this process's) hold under `sharding`.
+
+    Read off the sharding itself, so a batch replicated over tensor axes that span hosts is
+    loaded by each of those hosts."""
+    devices = batch_sharding.addressable_devices if devices is None else devices
+    index_map = batch_sharding.devices_indices_map((batch_size, 1))
+    rows = set()
+    for d in devices:
+        rows.update(range(*index_map[d][0].indices(batch_size)))
+    return np.array(sorted(rows), np.int64)

@@ -62,10 +62,18 @@ def init_state(
     return graphdef, state, shardings
 
 
-def put_batch(batch: dict[str, np.ndarray], batch_sh: jax.sharding.NamedSharding) -> Batch:
-    """Host numpy batch -> global device arrays. One process holds the whole global batch
-    here; each process feeding only its own rows is the data and multi-host issues' work."""
-    return {k: jax.make_array_from_process_local_data(batch_sh, v, v.shape) for k, v in batch.items()}
+def put_batch(
+    batch: dict[str, np.ndarray], batch_sh: jax.sharding.NamedSharding, batch_size: int | None = None
+) -> Batch:
+    """This process's rows of a global batch of `batch_size` rows (`sharding.host_rows`, in
+    order) -> global device arrays. A whole global batch (the default) is sliced here."""
+    batch_size = batch_size or len(batch["inputs"])
+    rows = sharding.host_rows(batch_sh, batch_size)
+    out = {}
+    for k, v in batch.items():
+        local = v[rows] if len(v) == batch_size and len(rows) < batch_size else v
+        out[k] = jax.make_array_from_process_local_data(batch_sh, local, (batch_size, *v.shape[1:]))
+    return out
 
 
 def make_train_step(

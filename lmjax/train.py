@@ -69,7 +69,6 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
     m, t = exp.model, exp.train
     tx = optim.make(exp.optim, t.steps)
-    train_batches = loader.TrainBatches(corpus.splits["train"], m.seq_len, t.batch_size, t.seed)
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     tokens_per_step = t.batch_size * m.seq_len
     log = Logger(workdir, t.steps, progress=t.progress)
@@ -82,8 +81,18 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         batch_sh = step.batch_sharding(mesh)
+        train_batches = loader.TrainBatches(
+            corpus.split("train"),
+            corpus.weights,
+            m.seq_len,
+            t.batch_size,
+            t.seed,
+            rows=sharding.host_rows(batch_sh, t.batch_size),
+        )
         held_out = HeldOut(
-            loader.eval_batches(corpus.splits["validation"], m.seq_len, t.batch_size, t.eval_batches),
+            loader.eval_batches(
+                corpus.split("validation"), corpus.weights, m.seq_len, t.batch_size, t.eval_batches
+            ),
             corpus.tokenizer.token_bytes(),
             step.make_eval_step(graphdef, shardings["params"], mesh),
             batch_sh,
@@ -109,7 +118,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         for s in range(t.steps):
             done = s + 1
-            state, metrics = train_step(state, step.put_batch(train_batches(s), batch_sh))
+            state, metrics = train_step(state, step.put_batch(next(train_batches), batch_sh, t.batch_size))
             if pending:
                 report(*pending)
             pending = (done, metrics)

@@ -1,28 +1,44 @@
-"""Corpus split, lossless tokenizer, token cache and windows."""
+"""Sources, the lossless tokenizer and the token cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import TINY_DATA
 
 from lmjax import config
-from lmjax.config import UserError
-from lmjax.data import cache, loader, sources, tokenizer
+from lmjax.config import Source, UserError
+from lmjax.data import cache, sources, tokenizer
+from lmjax.data.__main__ import main as data_main
 
 
-def test_stdlib_split_is_stable_and_small(stdlib_corpus):
+def _docs(c: Source, percent: float = 2.0) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"train": [], "validation": []}
+    for split, text in sources.documents(c, percent):
+        out[split].append(text)
+    return out
+
+
+def test_stdlib_split_is_stable_and_small():
     root, files = sources.stdlib_files()
     rel = [f.relative_to(root).as_posix() for f in files]
     val = [r for r in rel if sources.is_validation(r, 2.0)]
     assert 0.005 < len(val) / len(rel) < 0.05
-    assert val == [r for r in rel if sources.is_validation(r, 2.0)]  # a pure function of the path
     assert not any("/test/" in f"/{r}" or r.startswith("idlelib/") for r in rel)
-    assert len(stdlib_corpus.splits["validation"].tokens) > 10_000
+    docs = _docs(Source("stdlib"))
+    assert docs == _docs(Source("stdlib"))  # a pure function of the files
+    assert len(docs["validation"]) == len(val)
+    assert docs["validation"][0] == (root / val[0]).read_text(errors="replace")
 
 
 def test_tokenizer_round_trip_is_lossless(stdlib_corpus):
     tok = stdlib_corpus.tokenizer
-    docs = sources.documents(TINY_DATA)
-    sample = docs["validation"][:20] + [
+    sample = _docs(Source("stdlib"))["validation"] + [
         "naïve café — 日本語 😀\n\tindent\r\n  trailing  \n\n",
         "\x00\x01 control \u2028 separators \ufeff",
     ]
@@ -30,10 +46,12 @@ def test_tokenizer_round_trip_is_lossless(stdlib_corpus):
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_invalid_utf8_becomes_replacement_character(tmp_path):
+def test_invalid_utf8_becomes_replacement_character(tmp_path, stdlib_corpus):
     (tmp_path / "a.txt").write_bytes(b"good \xff\xfe bad\n" * 50)
-    docs = sources.documents(config.Data(source="files", path=str(tmp_path)))
-    assert "good \ufffd\ufffd bad" in docs["train"][0]
+    (text,) = _docs(Source("files", str(tmp_path / "a.txt")))["train"]
+    assert text.startswith("good \ufffd\ufffd bad\n")
+    tok = stdlib_corpus.tokenizer
+    assert tok.decode(tok.encode(text)) == text  # U+FFFD itself round-trips (byte fallback)
 
 
 def test_token_bytes_count_the_utf8_bytes(stdlib_corpus):
@@ -44,84 +62,83 @@ def test_token_bytes_count_the_utf8_bytes(stdlib_corpus):
         assert table[ids].sum() == len(text.encode())
 
 
-def test_cache_holds_documents_between_bos_and_eos(stdlib_corpus):
-    split = stdlib_corpus.splits["train"]
+def test_cache_holds_every_document_between_bos_and_eos(stdlib_corpus):
     tok = stdlib_corpus.tokenizer
-    assert (split.tokens[split.starts] == tok.bos_id).all()
-    assert (split.tokens[split.starts[1:] - 1] == tok.eos_id).all()
-    first = tok.decode(split.tokens[1 : split.starts[1] - 1])
-    assert first == sources.documents(TINY_DATA)["train"][0]
-
-
-def test_interrupted_cache_build_is_never_read(tmp_path, monkeypatch):
-    cfg = config.Data(
-        source="files", path=str(tmp_path / "corpus"), vocab_size=290, cache_dir=str(tmp_path / "c")
-    )
-    (tmp_path / "corpus").mkdir()
-    for i in range(30):
-        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} " * 200)
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(np, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        cache.load_or_build(cfg, log=lambda m: None)
-    monkeypatch.undo()
-    assert not (cache.cache_root(cfg) / cache.key(cfg)).exists()
-    corpus = cache.load_or_build(cfg, log=lambda m: None)
-    assert corpus.tokenizer.decode(corpus.splits["train"].tokens[1:10]).startswith("document")
-
-
-def _split(doc_lengths):
-    starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]])
-    return cache.Split(np.arange(sum(doc_lengths), dtype=np.uint16) % 1000, starts)
-
-
-def test_windows_mark_documents():
-    split = _split([5, 3, 10, 7])  # documents start at 0, 5, 8, 18
-    w = loader.windows(split, np.array([3, 0]), seq_len=8)
-    np.testing.assert_array_equal(w["inputs"][0], [3, 4, 5, 6, 7, 8, 9, 10])
-    np.testing.assert_array_equal(w["targets"][0], [4, 5, 6, 7, 8, 9, 10, 11])
-    np.testing.assert_array_equal(w["segment_ids"][0], [1, 1, 2, 2, 2, 3, 3, 3])
-    np.testing.assert_array_equal(w["positions"][0], [0, 1, 0, 1, 2, 0, 1, 2])
-    # A target in the next document is not predicted: the boundary tokens 4->5 and 7->8.
-    np.testing.assert_array_equal(w["loss_mask"][0], [1, 0, 1, 1, 0, 1, 1, 1])
-    np.testing.assert_array_equal(w["segment_ids"][1], [1] * 5 + [2] * 3)
-
-
-def test_windows_wrap_a_short_split_as_new_documents():
-    split = _split([4, 4])
-    w = loader.windows(split, np.array([6]), seq_len=6)
-    np.testing.assert_array_equal(w["inputs"][0], [6, 7, 0, 1, 2, 3])
-    np.testing.assert_array_equal(w["segment_ids"][0], [1, 1, 2, 2, 2, 2])
-    np.testing.assert_array_equal(w["positions"][0], [0, 1, 0, 1, 2, 3])
-
-
-def test_train_batches_are_a_function_of_seed_and_step(stdlib_corpus):
-    split = stdlib_corpus.splits["train"]
-    a, b = loader.TrainBatches(split, 64, 4, seed=0), loader.TrainBatches(split, 64, 4, seed=1)
-    np.testing.assert_array_equal(a(5)["inputs"], loader.TrainBatches(split, 64, 4, seed=0)(5)["inputs"])
-    assert not np.array_equal(a(5)["inputs"], a(6)["inputs"])
-    assert not np.array_equal(a(5)["inputs"], b(5)["inputs"])
+    docs = _docs(Source("stdlib"))
+    for name in ("train", "validation"):
+        (split,) = stdlib_corpus.split(name)
+        assert len(split.starts) == len(docs[name])
+        assert (split.take(split.starts) == tok.bos_id).all()
+        ends = np.append(split.starts[1:], len(split)) - 1
+        assert (split.take(ends) == tok.eos_id).all()
+        for i in (0, len(docs[name]) // 2, len(docs[name]) - 1):
+            assert tok.decode(split.take(np.arange(split.starts[i] + 1, ends[i]))) == docs[name][i]
 
 
 def test_single_file_is_split_by_lines(tmp_path):
     path = tmp_path / "shakespeare.txt"
     path.write_text("".join(f"line {i}\n" for i in range(200)))
-    docs = sources.documents(config.Data(source="files", path=str(path)))
+    docs = _docs(Source("files", str(path)))
     assert docs["validation"] == ["".join(f"line {i}\n" for i in range(196, 200))]
-    assert docs["train"][0].endswith("line 195\n")
+    assert docs["train"] == ["".join(f"line {i}\n" for i in range(196))]
 
 
-@pytest.mark.parametrize("setup", ["missing", "empty"])
-def test_missing_or_empty_corpus_is_a_user_error(tmp_path, setup):
-    if setup == "empty":
-        (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(UserError, match="matches no files|is empty"):
-        sources.documents(
-            config.Data(source="files", path=str(tmp_path / ("nothing" if setup == "missing" else "*.txt")))
-        )
+def _write_jsonl(path, n, field="text"):
+    path.write_text("".join(json.dumps({field: f"doc {i} " * 5, "id": i}) + "\n" for i in range(n)))
+
+
+def test_jsonl_and_parquet_read_the_named_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _write_jsonl(tmp_path / "a.jsonl", 300, field="body")
+    pq.write_table(
+        pa.table({"content": [f"doc {i} " * 5 for i in range(300)], "n": list(range(300))}),
+        tmp_path / "a.parquet",
+    )
+    from_jsonl = _docs(Source("jsonl", str(tmp_path / "*.jsonl"), field="body"), 10.0)
+    from_parquet = _docs(Source("parquet", str(tmp_path / "a.parquet"), field="content"), 10.0)
+    assert sorted(from_jsonl["train"] + from_jsonl["validation"]) == sorted(
+        f"doc {i} " * 5 for i in range(300)
+    )
+    assert 10 < len(from_jsonl["validation"]) < 60  # about 10% of 300, by a hash of file:line
+    assert 10 < len(from_parquet["validation"]) < 60
+    assert from_jsonl == _docs(Source("jsonl", str(tmp_path / "*.jsonl"), field="body"), 10.0)
+
+
+@pytest.mark.parametrize(
+    "make, source, message",
+    [
+        (lambda p: None, Source("files", "{p}/nothing"), "matches no files"),
+        (lambda p: (p / "e.txt").write_text(""), Source("files", "{p}/*.txt"), "is empty"),
+        (
+            lambda p: _write_jsonl(p / "a.jsonl", 5),
+            Source("jsonl", "{p}/a.jsonl", field="txt"),
+            "no field 'txt'",
+        ),
+        (lambda p: (p / "a.jsonl").write_text("{oops\n"), Source("jsonl", "{p}/a.jsonl"), "a.jsonl:1 is not"),
+        (
+            lambda p: (p / "a.parquet").write_bytes(b"PAR1 not parquet"),
+            Source("parquet", "{p}/a.parquet"),
+            "not a readable Parquet",
+        ),
+    ],
+)
+def test_bad_corpus_is_a_user_error(tmp_path, make, source, message):
+    make(tmp_path)
+    c = Source(source.source, source.path.format(p=tmp_path), field=source.field)
+    data = config.Data(source=c.source, path=c.path, field=c.field, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=message):
+        cache.load_or_build(data, log=lambda m: None)
+
+
+def test_parquet_without_the_column_names_the_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(UserError, match=r"no column 'text'; set data.field to one of \['body'\]"):
+        list(sources.documents(Source("parquet", str(tmp_path / "a.parquet")), 2.0))
 
 
 def test_tokenizer_file_is_loaded_and_bad_file_rejected(tmp_path, stdlib_corpus):
@@ -131,3 +148,89 @@ def test_tokenizer_file_is_loaded_and_bad_file_rejected(tmp_path, stdlib_corpus)
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a sentencepiece model"):
         tokenizer.Tokenizer.load(tmp_path / "bad.model")
+
+
+def test_tokenizer_sample_is_bounded_and_follows_the_weights(tmp_path):
+    for name, word in (("a", "alpha"), ("b", "omega")):
+        (tmp_path / name).mkdir()
+        for i in range(200):
+            (tmp_path / name / f"{i}.txt").write_text(f"{word} {i}\n" * 50)
+    mixture = (
+        Source("files", str(tmp_path / "a"), weight=3.0),
+        Source("files", str(tmp_path / "b"), weight=1.0),
+    )
+    data = config.Data(source="mixture", mixture=mixture, tokenizer_sample_bytes=40_000)
+    sample = cache.tokenizer_sample(data)
+    assert sample == cache.tokenizer_sample(data)
+    chars = Counter("a" if t.startswith("alpha") else "b" for t in sample for _ in range(len(t)))
+    assert 30_000 <= chars["a"] + chars["b"] <= 40_000
+    assert chars["a"] / (chars["a"] + chars["b"]) == pytest.approx(0.75, abs=0.05)
+
+
+def test_prepare_builds_the_cache_and_reports_it(tmp_path, capsys):
+    _write_jsonl(tmp_path / "a.jsonl", 400)
+    argv = ["prepare", "--experiment", "stdlib_tiny", "--set", "data.source=jsonl"]
+    argv += ["--set", f"data.path={tmp_path / 'a.jsonl'}", "--set", "data.vocab_size=276"]
+    argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert data_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "276-piece tokenizer" in out and "train: " in out and "validation: " in out
+    assert data_main([*argv[:-2], "--set", "data.path=/nonexistent.jsonl"]) == 2
+    assert "matches no files" in capsys.readouterr().err
+
+
+def test_a_cache_build_killed_halfway_is_rebuilt_not_read(tmp_path, stdlib_corpus):
+    """SIGKILL a real `prepare` once it has written token shards; the next build starts over."""
+    stdlib_corpus.tokenizer.save(tmp_path / "t.model")  # skip tokenizer training: get to the shards
+    sets = [f"data.tokenizer_path={tmp_path / 't.model'}", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = config.apply_overrides(config.load_experiment("stdlib_tiny"), sets).data
+    argv = [sys.executable, "-m", "lmjax.data", "prepare", "--experiment", "stdlib_tiny"]
+    proc = subprocess.Popen([*argv, *(a for s in sets for a in ("--set", s))], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "cache").glob(".*.tmp/c0/train-*.array_record")):
+        assert proc.poll() is None and time.time() < deadline, "prepare ended before it was killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not cache.entry_path(cfg).exists()  # the half-built entry is not in place
+    corpus = cache.load_or_build(cfg, log=lambda m: None)
+    assert not list((tmp_path / "cache").glob(".*.tmp"))  # the abandoned build was cleaned up
+    (split,) = corpus.split("train")
+    (reference,) = stdlib_corpus.split("train")
+    assert len(split) == len(reference)
+    np.testing.assert_array_equal(split.take(np.arange(len(split))), reference.take(np.arange(len(split))))
+
+
+def test_interrupted_build_in_process_leaves_nothing(tmp_path, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+    for i in range(30):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} " * 200)
+    cfg = config.Data(
+        source="files", path=str(tmp_path / "corpus"), vocab_size=290, cache_dir=str(tmp_path / "c")
+    )
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.load_or_build(cfg, log=lambda m: None)
+    monkeypatch.undo()
+    assert list((tmp_path / "c").iterdir()) == []
+    corpus = cache.load_or_build(cfg, log=lambda m: None)
+    assert corpus.tokenizer.decode(corpus.split("train")[0].take(np.arange(1, 10))).startswith("document")
+
+
+def test_cache_key_follows_corpus_and_settings(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", 10)
+    base = config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"))
+    keys = {
+        cache.key(base),
+        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), field="id")),
+        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), vocab_size=999)),
+        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), validation_percent=5)),
+    }
+    assert len(keys) == 4
+    assert cache.key(base) == cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl")))
+    _write_jsonl(tmp_path / "a.jsonl", 11)
+    assert cache.key(base) not in keys

@@ -1,32 +1,38 @@
-"""Batches of `seq_len` windows over the token stream, with segment ids and positions.
+"""Batches of `seq_len` windows cut from the token cache, shuffled and mixed by grain.
 
-Training batch `step` is a pure function of (seed, step): windows start at offsets drawn from
-a generator seeded by both, so a resumed run sees exactly the batches it would have seen and
-no iterator state needs saving. A window may span documents; `segment_ids` (1, 2, ... within
-the window) keep them from attending to each other, `positions` restart at each document, and
-`loss_mask` drops the targets that cross a boundary. Validation batches are consecutive
-windows from the start of the split.
+Packing is concat-then-split: a split's documents lie back to back, and window `w` is tokens
+[w*seq_len, (w+1)*seq_len] (inputs and the shifted targets). Each document is <s> text </s>;
+`segment_ids` (1, 2, ... within the window) keep documents from attending to each other,
+`positions` restart at each document, and `loss_mask` drops the one target per boundary that
+would predict the next document's <s>. Nothing is dropped but the split's last partial window
+(fewer than seq_len tokens).
+
+Training: grain shuffles the window ids of each corpus with a seed (a new order every epoch),
+mixes corpora by weight, and batches; each host builds only the rows of the global batch
+its devices hold. Batch `step` is a pure function of (seed, step), and the iterator's state is
+the step it reaches next, so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 
+from lmjax.config import UserError
 from lmjax.data.cache import Split
 
+Batch = dict[str, np.ndarray]
 
-def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    """Windows of `seq_len + 1` tokens starting at `starts_B`, as model inputs and targets."""
-    n = len(split.tokens)
-    unwrapped_BT = starts_B[:, None] + np.arange(seq_len + 1)  # a short split repeats
-    wraps_BT, idx_BT = np.divmod(unwrapped_BT, n)
-    tokens_BT = np.asarray(split.tokens[idx_BT.ravel()], np.int32).reshape(idx_BT.shape)
+
+def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> Batch:
+    """Windows of `seq_len + 1` tokens starting at token offsets `starts_B`, as inputs/targets."""
+    idx_BT = starts_B[:, None] + np.arange(seq_len + 1)
+    tokens_BT = split.take(idx_BT)
     doc_BT = np.searchsorted(split.starts, idx_BT, side="right") - 1
-    doc_BT = doc_BT + wraps_BT * len(split.starts)  # each repeat of a document is a new one
     segments_BT = doc_BT - doc_BT[:, :1] + 1
-    doc_start_BT = split.starts[doc_BT % len(split.starts)] + wraps_BT * n
     # Positions count from the document's start, or from the window's when it began earlier.
-    positions_BT = unwrapped_BT - np.maximum(doc_start_BT, starts_B[:, None])
+    positions_BT = idx_BT - np.maximum(split.starts[doc_BT], starts_B[:, None])
     return {
         "inputs": tokens_BT[:, :-1],
         "targets": tokens_BT[:, 1:],
@@ -36,26 +42,103 @@ def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> dict[str, np.nd
     }
 
 
-class TrainBatches:
-    def __init__(self, split: Split, seq_len: int, batch_size: int, seed: int):
-        if len(split.tokens) <= seq_len + 1:
-            from lmjax.config import UserError
+def num_windows(split: Split, seq_len: int) -> int:
+    return (len(split) - 1) // seq_len
 
+
+class _Materialize:
+    """(corpus ids, window ids) of a global batch -> this host's rows, as token windows."""
+
+    def __init__(self, splits: list[Split], seq_len: int, rows: np.ndarray | None):
+        self.splits, self.seq_len, self.rows = splits, seq_len, rows
+
+    def __call__(self, ids: tuple[np.ndarray, np.ndarray]) -> Batch:
+        part_B, window_B = (np.asarray(x) for x in ids)
+        if self.rows is not None:
+            part_B, window_B = part_B[self.rows], window_B[self.rows]
+        out: Batch = {}
+        for p in np.unique(part_B):
+            mine = np.flatnonzero(part_B == p)
+            for name, value in windows(self.splits[p], window_B[mine] * self.seq_len, self.seq_len).items():
+                out.setdefault(name, np.empty((len(part_B), self.seq_len), value.dtype))[mine] = value
+        return out
+
+
+def _window_ids(splits: list[Split], seq_len: int, what: str):
+    import grain
+
+    datasets = []
+    for p, split in enumerate(splits):
+        n = num_windows(split, seq_len)
+        if n < 1:
             raise UserError(
-                f"the training split has {len(split.tokens)} tokens, fewer than one window of "
+                f"the {what} split has {len(split)} tokens, fewer than one window of "
                 f"model.seq_len+1={seq_len + 1}; add data or lower model.seq_len"
             )
-        self.split, self.seq_len, self.batch_size, self.seed = split, seq_len, batch_size, seed
-
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, step])
-        # A window holds seq_len + 1 tokens, so the last start is n - seq_len - 1 (inclusive).
-        starts_B = rng.integers(0, len(self.split.tokens) - self.seq_len, self.batch_size)
-        return windows(self.split, starts_B, self.seq_len)
+        datasets.append(grain.MapDataset.range(n).map(lambda w, p=p: (p, w)))
+    return datasets
 
 
-def eval_batches(split: Split, seq_len: int, batch_size: int, n_batches: int) -> list[dict[str, np.ndarray]]:
-    """The first `n_batches` batches of consecutive windows (wrapping round a short split)."""
-    return [
-        windows(split, (b * batch_size + np.arange(batch_size)) * seq_len, seq_len) for b in range(n_batches)
-    ]
+class TrainBatches:
+    """Shuffled, mixed training batches: `batches[step]`, or iterate with prefetch.
+
+    `rows`: the rows of the global batch this host loads (`sharding.host_rows`); None for all.
+    """
+
+    def __init__(
+        self,
+        splits: list[Split],
+        weights: Sequence[float],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rows: np.ndarray | None = None,
+        prefetch: int = 4,
+    ):
+        import grain
+
+        parts = [
+            ds.shuffle(seed=(seed * 1_000_003 + 7919 * p) % 2**32).repeat()
+            for p, ds in enumerate(_window_ids(splits, seq_len, "training"))
+        ]
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
+        self.dataset = mixed.batch(batch_size).map(_Materialize(splits, seq_len, rows))
+        options = grain.ReadOptions(num_threads=min(prefetch, 2), prefetch_buffer_size=prefetch)
+        self._iterable = self.dataset.to_iter_dataset(options)
+        self._iterator = iter(self._iterable)
+
+    def __getitem__(self, step: int) -> Batch:
+        return self.dataset[step]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        """What a checkpoint saves: restores the iterator to the batch it would yield next."""
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+
+
+def eval_batches(
+    splits: list[Split], weights: Sequence[float], seq_len: int, batch_size: int, n_batches: int
+) -> list[Batch]:
+    """The first `n_batches` batches of validation windows in order (corpora mixed by weight).
+
+    When the split holds fewer windows, the last batch is filled with rows whose loss_mask is
+    0, so every window counts once and none twice."""
+    import grain
+
+    parts = _window_ids(splits, seq_len, "validation")
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
+    ids = [mixed[i] for i in range(min(len(mixed), n_batches * batch_size))]
+    part_N, window_N = np.array([p for p, _ in ids]), np.array([w for _, w in ids])
+    padding = -len(ids) % batch_size
+    part_N, window_N = np.pad(part_N, (0, padding)), np.pad(window_N, (0, padding))
+    batch = _Materialize(splits, seq_len, None)((part_N, window_N))
+    batch["loss_mask"][len(ids) :] = 0
+    return [{k: v[i : i + batch_size] for k, v in batch.items()} for i in range(0, len(part_N), batch_size)]

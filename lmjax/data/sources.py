@@ -1,23 +1,29 @@
-"""Corpora as lists of documents, split into train and validation by a hash of each path.
+"""Corpora as streams of (split, text) documents, split into train and validation by a hash.
 
 `stdlib`: the running Python's standard library `.py` files (tests and idlelib left out), the
-embedded default corpus every machine has. `files`: a text file, a folder (every file under
-it) or a glob. A file goes to validation when the hash of its relative path falls below
-`data.validation_percent`, so the split is the same on every machine with the same files.
+embedded default corpus every machine has. `files`: text files (a file, a folder or a glob),
+one document each. `jsonl`: one document per line, the text in `field`. `parquet`: one
+document per row, the text in column `field`. `tfds`: see tfds_source.py.
+
+A document goes to validation when the hash of its key (a file's relative path, or
+"path:line" / "path:row") falls below `validation_percent`, so the split is the same on every
+machine with the same files. Bytes that are not UTF-8 become U+FFFD (documented replacement).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
-from lmjax import config
-from lmjax.config import UserError
+from lmjax.config import Source, UserError
 
+Document = tuple[str, str]  # (split, text), split in ("train", "validation")
 _STDLIB_SKIP = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -39,57 +45,117 @@ def user_files(pattern: str) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def corpus_files(cfg: config.Data) -> tuple[Path, list[Path]]:
-    root, files = stdlib_files() if cfg.source == "stdlib" else user_files(cfg.path)
+def corpus_files(c: Source) -> tuple[Path, list[Path]]:
+    root, files = stdlib_files() if c.source == "stdlib" else user_files(c.path)
     if not files:
-        where = "the standard library" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
-        raise UserError(f"{where} matches no files; point data.path at text files")
+        where = "the standard library" if c.source == "stdlib" else f"{c.source} path {c.path!r}"
+        raise UserError(f"{where} matches no files; point data.path at existing {c.source} files")
     return root, files
 
 
-def is_validation(relative_path: str, percent: float) -> bool:
-    bucket = int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:4], "big") % 10_000
+def is_validation(key: str, percent: float) -> bool:
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 10_000
     return bucket < percent * 100
 
 
-def documents(cfg: config.Data) -> dict[str, list[str]]:
-    """{'train': [...], 'validation': [...]} document texts, in a stable order.
+def documents(c: Source, validation_percent: float) -> Iterator[Document]:
+    """The corpus `c` as (split, text) pairs, in a stable order; empty documents are skipped."""
+    if c.source == "tfds":
+        from lmjax.data import tfds_source
 
-    Bytes that are not UTF-8 become U+FFFD. A corpus whose files all hash to one split (a single
-    file, say) gives each file's last `validation_percent` of lines to validation instead.
-    """
-    root, files = corpus_files(cfg)
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
-    for path in files:
-        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if text:
-            splits["validation" if is_validation(rel, cfg.validation_percent) else "train"].append(text)
-    if not splits["train"] or not splits["validation"]:
-        splits = _split_by_lines(splits["train"] + splits["validation"], cfg.validation_percent)
-    if sum(map(len, splits["train"])) == 0:
-        raise UserError(f"the corpus ({cfg.source} {cfg.path}) is empty; give files with text")
-    return splits
+        stream = tfds_source.documents(c.name, c.path, c.field, validation_percent)
+    else:
+        read = {"stdlib": _text_files, "files": _text_files, "jsonl": _jsonl, "parquet": _parquet}[c.source]
+        stream = read(c, validation_percent)
+    return (doc for doc in stream if doc[1])
 
 
-def _split_by_lines(texts: list[str], percent: float) -> dict[str, list[str]]:
-    splits: dict[str, list[str]] = {"train": [], "validation": []}
-    for text in texts:
-        lines = text.splitlines(keepends=True)
-        cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
-        for split, part in (("train", lines[:cut]), ("validation", lines[cut:])):
-            if part:
-                splits[split].append("".join(part))
-    return splits
+def fingerprint(c: Source) -> str:
+    """Identifies a corpus's content cheaply: file names, sizes and mtimes, and the reader."""
+    h = hashlib.sha256(f"{c.source}|{c.field}|{sys.version_info[:2]}".encode())
+    if c.source == "tfds":
+        from lmjax.data import tfds_source
 
-
-def fingerprint(cfg: config.Data) -> str:
-    """Identifies the corpus content cheaply: file names, sizes and mtimes, and the split."""
-    root, files = corpus_files(cfg)
-    h = hashlib.sha256(f"{cfg.source}|{cfg.validation_percent}|{sys.version_info[:2]}".encode())
+        h.update(tfds_source.fingerprint(c.name, c.path, c.field).encode())
+        return h.hexdigest()[:16]
+    root, files = corpus_files(c)
     for p in files:
         st = p.stat()
-        h.update(
-            f"{p.relative_to(root) if p.is_relative_to(root) else p}|{st.st_size}|{st.st_mtime_ns}".encode()
-        )
+        h.update(f"{_relative(p, root)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def _text_files(c: Source, percent: float) -> Iterator[Document]:
+    """One document per file. When every file hashes to one split (a single file, say), each
+    file gives its last `percent` of lines to validation instead."""
+    root, files = corpus_files(c)
+    splits = ["validation" if is_validation(_relative(p, root), percent) else "train" for p in files]
+    by_lines = len(set(splits)) == 1
+    for path, split in zip(files, splits, strict=True):
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if by_lines:
+            yield from _split_by_lines(text, percent)
+        else:
+            yield split, text
+
+
+def _split_by_lines(text: str, percent: float) -> Iterator[Document]:
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, round(len(lines) * percent / 100)) if len(lines) > 1 else len(lines)
+    yield "train", "".join(lines[:cut])
+    yield "validation", "".join(lines[cut:])
+
+
+def _jsonl(c: Source, percent: float) -> Iterator[Document]:
+    root, files = corpus_files(c)
+    for path in files:
+        rel = _relative(path, root)
+        with path.open("rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{path}:{number} is not a JSON object; give JSON Lines files") from None
+                if not isinstance(record, dict) or c.field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else []
+                    raise UserError(
+                        f"{path}:{number} has no field {c.field!r}; set data.field to one of {keys}"
+                    )
+                text = record[c.field]
+                yield (
+                    ("validation" if is_validation(f"{rel}:{number}", percent) else "train"),
+                    str(text or ""),
+                )
+
+
+def _parquet(c: Source, percent: float) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None
+    root, files = corpus_files(c)
+    for path in files:
+        rel = _relative(path, root)
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise UserError(
+                f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
+            ) from None
+        columns = table.schema_arrow.names
+        if c.field not in columns:
+            raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
+        row = 0
+        for batch in table.iter_batches(columns=[c.field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                text = (
+                    value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value or "")
+                )
+                yield ("validation" if is_validation(f"{rel}:{row}", percent) else "train"), text
+                row += 1

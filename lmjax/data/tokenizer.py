@@ -109,7 +109,9 @@ def train(texts: list[str], cfg: config.Data, seed: int = 0) -> Tokenizer:
             **TRAINER_SETTINGS,
         )
     except RuntimeError as e:
-        raise UserError(f"tokenizer training failed ({e}); lower data.vocab_size or add text") from None
+        raise UserError(
+            f"tokenizer training failed ({e}); change data.vocab_size as it says, or add text"
+        ) from None
     return Tokenizer(model.getvalue())
 
 
