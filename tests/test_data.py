@@ -46,6 +46,16 @@ def test_tokenizer_round_trip_is_lossless(stdlib_corpus):
         assert tok.decode(tok.encode(text)) == text
 
 
+def test_batch_encoding_line_by_line_equals_whole_texts(stdlib_corpus):
+    tok = stdlib_corpus.tokenizer
+    texts = _docs(Source("stdlib"))["validation"][:5]
+    texts += ["no newline", "\n", "\n\nx\n\n", "a\r\nb\r\n", "  indented\n\tend", "ü\n日本"]
+    flat, lengths = tok.encode_batch(texts)
+    whole = [tok.encode(t) for t in texts]
+    np.testing.assert_array_equal(lengths, [len(x) for x in whole])
+    np.testing.assert_array_equal(flat, [i for x in whole for i in x])
+
+
 def test_invalid_utf8_becomes_replacement_character(tmp_path, stdlib_corpus):
     (tmp_path / "a.txt").write_bytes(b"good \xff\xfe bad\n" * 50)
     (text,) = _docs(Source("files", str(tmp_path / "a.txt")))["train"]

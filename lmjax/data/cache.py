@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import itertools
 import json
 import os
 import random
@@ -22,6 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ _FORMAT = 2
 SPLITS = ("train", "validation")
 BLOCK_TOKENS = 8192
 SHARD_BLOCKS = 8192  # 64M tokens per shard file
-_ENCODE_BATCH_CHARS = 8 << 20
+_ENCODE_BATCH_CHARS = 2 << 20
 
 
 class Blocks:
@@ -163,8 +163,10 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
         for i, c in enumerate(cfg.components()):
             (folder / f"c{i}").mkdir()
             writers = {s: _SplitWriter(folder / f"c{i}", s, dtype, tok) for s in SPLITS}
-            for split, texts in _batches(sources.documents(c, cfg.validation_percent)):
-                writers[split].add(tok.encode_batch(texts), texts)
+            for split, texts, (ids, lengths) in _encoded(
+                tok, _batches(sources.documents(c, cfg.validation_percent))
+            ):
+                writers[split].add(ids, lengths, texts)
                 chars += sum(map(len, texts))
                 bar.update(sum(map(len, texts)))
             parts.append({s: w.close() for s, w in writers.items()})
@@ -206,13 +208,18 @@ class _SplitWriter:
         self.shards: list[str] = []
         self._writer = None
 
-    def add(self, ids: list[list[int]], texts: list[str]) -> None:
-        lengths = np.array([len(x) + 2 for x in ids], np.int64)
-        flat = itertools.chain.from_iterable((self.tok.bos_id, *x, self.tok.eos_id) for x in ids)
-        self.pending.append(np.fromiter(flat, self.dtype, count=int(lengths.sum())))
-        self.starts.append(self.tokens + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
-        self.tokens += int(lengths.sum())
-        self.pending_tokens += int(lengths.sum())
+    def add(self, ids: np.ndarray, lengths: np.ndarray, texts: list[str]) -> None:
+        """Documents' `ids` back to back, `lengths` ids each, framed as <s> ids </s>."""
+        framed = lengths + 2
+        starts = np.concatenate([[0], np.cumsum(framed)[:-1]])
+        stream = np.empty(int(framed.sum()), self.dtype)
+        is_text = np.ones(len(stream), bool)
+        is_text[starts] = is_text[starts + framed - 1] = False
+        stream[starts], stream[starts + framed - 1], stream[is_text] = self.tok.bos_id, self.tok.eos_id, ids
+        self.pending.append(stream)
+        self.starts.append(self.tokens + starts)
+        self.tokens += len(stream)
+        self.pending_tokens += len(stream)
         self.bytes += sum(len(t.encode()) for t in texts)
         if self.pending_tokens >= BLOCK_TOKENS:
             self._write(final=False)
@@ -260,6 +267,22 @@ def _batches(docs: Iterator[sources.Document]) -> Iterator[tuple[str, list[str]]
     for split in SPLITS:
         if batch[split]:
             yield split, batch[split]
+
+
+def _encoded(
+    tok: tokenizer.Tokenizer, batches: Iterator[tuple[str, list[str]]]
+) -> Iterator[tuple[str, list[str], tuple[np.ndarray, np.ndarray]]]:
+    """Encode batch k (sentencepiece threads, GIL released) while batch k+1 is read and batch
+    k-1 is written."""
+    with ThreadPoolExecutor(1) as pool:
+        previous = None
+        for split, texts in batches:
+            future = pool.submit(tok.encode_batch, texts)
+            if previous:
+                yield previous[0], previous[1], previous[2].result()
+            previous = (split, texts, future)
+        if previous:
+            yield previous[0], previous[1], previous[2].result()
 
 
 def tokenizer_sample(cfg: Data, seed: int = 0) -> list[str]:

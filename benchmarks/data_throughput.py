@@ -1,0 +1,129 @@
+"""Data pipeline speed on this host: tokenizing into the cache, and the loader reading from it.
+
+    python benchmarks/data_throughput.py [--experiment gpt2_124m] [--set key=value ...]
+
+Measures, on the experiment's data settings (default: the GPT-2 124M experiment's 32768-piece
+tokenizer over the stdlib corpus):
+- tokenizer training time on the bounded sample;
+- sentencepiece encoding alone, 1 thread and all threads (MB of UTF-8 per second);
+- a whole cache build (read, encode, write ArrayRecord shards), from the stdlib files and from
+  the same documents as a Parquet file, with the tokenizer given (MB/s);
+- the training loader (shuffle, pack, batch, prefetch thread) in tokens/s for several
+  (seq_len, batch) shapes, and for a two-corpus mixture.
+Writes `benchmarks/results/data_throughput-<machine>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from lmjax import config
+from lmjax.config import Source
+
+RESULTS = Path(__file__).parent / "results"
+LOADER_SHAPES = ((1024, 32), (2048, 16), (256, 128))
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def loader_tokens_per_s(splits, weights, seq_len: int, batch: int, seconds: float = 3.0) -> float:
+    from lmjax.data import loader
+
+    batches = loader.TrainBatches(splits, weights, seq_len, batch, seed=0)
+    next(batches)  # start the prefetch thread
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += next(batches)["inputs"].size
+    return tokens / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="gpt2_124m")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    data = config.apply_overrides(config.load_experiment(args.experiment), args.set).data
+    work = Path(tempfile.mkdtemp(prefix="lmjax-data-bench-"))
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmjax.data import cache, sources, tokenizer
+
+    docs = [text for _, text in sources.documents(Source("stdlib"), data.validation_percent)]
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    sample = cache.tokenizer_sample(data)
+    tok, train_s = timed(tokenizer.train, sample, data)
+    tok.save(work / "tokenizer.model")
+    encode = {}
+    for threads in (1, os.cpu_count()):
+        _, seconds = timed(tok.encode_batch, docs, threads)
+        encode[f"{threads}_threads_mb_per_s"] = mb / seconds
+
+    pq.write_table(pa.table({"text": docs}), work / "stdlib.parquet")
+    given = {"tokenizer_path": str(work / "tokenizer.model"), "cache_dir": str(work / "cache")}
+    builds = {}
+    for name, source in (
+        ("stdlib_files", Source("stdlib")),
+        ("parquet", Source("parquet", str(work / "stdlib.parquet"))),
+    ):
+        cfg = config.Data(source=source.source, path=source.path, **given)
+        corpus, seconds = timed(cache.load_or_build, cfg, lambda m: None, False)
+        builds[name] = {"mb_per_s": mb / seconds, "seconds": seconds, "tokens": len(corpus.split("train")[0])}
+
+    corpus = cache.load_or_build(config.Data(source="stdlib", **given), lambda m: None, False)
+    parquet = cache.load_or_build(
+        config.Data(source="parquet", path=str(work / "stdlib.parquet"), **given), lambda m: None, False
+    )
+    loader = {
+        f"seq{t}_batch{b}": loader_tokens_per_s(corpus.split("train"), [1.0], t, b) for t, b in LOADER_SHAPES
+    }
+    two = corpus.split("train") + parquet.split("train")
+    loader["mixture_seq1024_batch32"] = loader_tokens_per_s(two, [0.7, 0.3], 1024, 32)
+
+    record = {
+        "benchmark": "data_throughput",
+        "date": datetime.date.today().isoformat(),
+        "device": {
+            "host_cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "versions": {
+            p: metadata.version(p) for p in ("grain", "array_record", "sentencepiece", "numpy", "pyarrow")
+        }
+        | {"python": platform.python_version()},
+        "config": {"experiment": args.experiment, "overrides": args.set, "vocab_size": tok.vocab_size},
+        "corpus": {
+            "documents": len(docs),
+            "utf8_mb": mb,
+            "bytes_per_token": mb * 1e6 / builds["stdlib_files"]["tokens"],
+        },
+        "tokenizer_training_s": train_s,
+        "tokenizer_sample_mb": sum(len(s.encode()) for s in sample) / 1e6,
+        "encode": encode,
+        "cache_build": builds,
+        "loader_tokens_per_s": loader,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"data_throughput-{platform.machine()}-{os.cpu_count()}cpu.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
