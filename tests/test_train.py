@@ -137,6 +137,35 @@ def test_a_single_step_run_logs_its_step(tmp_path):
     ]
 
 
+def test_trains_on_a_mixture_of_jsonl_and_parquet(tmp_path):
+    """The whole path from files a user has: two corpora, mixed 3:1, tokenized and trained on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(300)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    pq.write_table(pa.table({"body": [t.upper() for t in texts]}), tmp_path / "b.parquet")
+    mixture = [
+        {"source": "jsonl", "path": str(tmp_path / "a.jsonl"), "weight": 3},
+        {"source": "parquet", "path": str(tmp_path / "b.parquet"), "field": "body", "weight": 1},
+    ]
+    argv = _tiny_argv(
+        tmp_path / "run",
+        "data.source=mixture",
+        f"data.mixture={json.dumps(mixture)}",
+        "data.vocab_size=300",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.steps=30",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=5",
+    )
+    assert main(argv) == 0
+    saved = config.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
+    assert [c.weight for c in saved.data.mixture] == [3, 1] and saved.data.mixture[1].field == "body"
+    evals = [r for r in _metrics(tmp_path / "run") if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < math.log(300) - 1.5  # it learned the repetitive corpora
+
+
 def test_a_workdir_with_a_run_is_not_overwritten(run, capsys):
     workdir, _, _ = run
     before = (workdir / "metrics.jsonl").read_text()
