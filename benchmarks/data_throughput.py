@@ -23,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -33,13 +34,15 @@ RESULTS = Path(__file__).parent / "results"
 LOADER_SHAPES = ((1024, 32), (2048, 16), (256, 128))
 
 
-def timed(fn, *args, **kwargs):
+def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
-def loader_tokens_per_s(splits, weights, seq_len: int, batch: int, seconds: float = 3.0) -> float:
+def loader_tokens_per_s(
+    splits: list, weights: list[float], seq_len: int, batch: int, seconds: float = 3.0
+) -> float:
     from lmjax.data import loader
 
     batches = loader.TrainBatches(splits, weights, seq_len, batch, seed=0)
@@ -56,8 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     data = config.apply_overrides(config.load_experiment(args.experiment), args.set).data
-    work = Path(tempfile.mkdtemp(prefix="lmjax-data-bench-"))
+    with tempfile.TemporaryDirectory(prefix="lmjax-data-bench-") as work:
+        record = measure(args, data, Path(work))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"data_throughput-{platform.machine()}-{os.cpu_count()}cpu.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return 0
 
+
+def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -65,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = [text for _, text in sources.documents(Source("stdlib"), data.validation_percent)]
     mb = sum(len(d.encode()) for d in docs) / 1e6
-    sample = cache.tokenizer_sample(data)
+    sample = tokenizer.sample(data)
     tok, train_s = timed(tokenizer.train, sample, data)
     tok.save(work / "tokenizer.model")
     encode = {}
@@ -82,19 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     ):
         cfg = config.Data(source=source.source, path=source.path, **given)
         corpus, seconds = timed(cache.load_or_build, cfg, lambda m: None, False)
-        builds[name] = {"mb_per_s": mb / seconds, "seconds": seconds, "tokens": len(corpus.split("train")[0])}
+        builds[name] = {
+            "mb_per_s": mb / seconds,
+            "seconds": seconds,
+            "tokens": len(corpus.splits("train")[0]),
+        }
 
     corpus = cache.load_or_build(config.Data(source="stdlib", **given), lambda m: None, False)
     parquet = cache.load_or_build(
         config.Data(source="parquet", path=str(work / "stdlib.parquet"), **given), lambda m: None, False
     )
     loader = {
-        f"seq{t}_batch{b}": loader_tokens_per_s(corpus.split("train"), [1.0], t, b) for t, b in LOADER_SHAPES
+        f"seq{t}_batch{b}": loader_tokens_per_s(corpus.splits("train"), [1.0], t, b) for t, b in LOADER_SHAPES
     }
-    two = corpus.split("train") + parquet.split("train")
+    two = corpus.splits("train") + parquet.splits("train")
     loader["mixture_seq1024_batch32"] = loader_tokens_per_s(two, [0.7, 0.3], 1024, 32)
 
-    record = {
+    return {
         "benchmark": "data_throughput",
         "date": datetime.date.today().isoformat(),
         "device": {
@@ -118,11 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         "cache_build": builds,
         "loader_tokens_per_s": loader,
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"data_throughput-{platform.machine()}-{os.cpu_count()}cpu.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -273,10 +273,15 @@ def _tuples(x: Any) -> Any:
 def _structured(value: Any, hint: Any, key: str) -> Any:
     """JSON lists become tuples; a list of objects for `tuple[Source, ...]` becomes Sources."""
     if hint == tuple[Source, ...]:
-        names = {f.name for f in dataclasses.fields(Source)}
+        types = typing.get_type_hints(Source)
         for item in value:
-            unknown = set(item) - names if isinstance(item, dict) else {"(not an object)"}
-            _require(not unknown, f"{key}: unknown source fields {sorted(unknown)}; use {sorted(names)}")
+            unknown = set(item) - set(types) if isinstance(item, dict) else {"(not an object)"}
+            _require(not unknown, f"{key}: unknown source fields {sorted(unknown)}; use {sorted(types)}")
+            for name, v in item.items():
+                ok = (
+                    isinstance(v, str) if types[name] is str else type(v) in (int, float) and math.isfinite(v)
+                )
+                _require(ok, f"{key}: {name}={v!r} is not a {types[name].__name__}; give one")
         return tuple(Source(**item) for item in value)
     return _tuples(value)
 
@@ -386,7 +391,7 @@ def _validate_sources(d: Data) -> None:
             f"{where}source=tfds needs {where}name=DATASET (or {where}path=a prepared dataset folder)",
         )
         _require(c.source not in ("jsonl", "parquet", "tfds") or c.field, f"{where}field must name the text")
-        _require(c.weight > 0, f"{where}weight={c.weight} must be positive")
+        _require(c.weight > 0 and math.isfinite(c.weight), f"{where}weight={c.weight} must be positive")
 
 
 def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:

@@ -82,7 +82,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         batch_sh = step.batch_sharding(mesh)
         train_batches = loader.TrainBatches(
-            corpus.split("train"),
+            corpus.splits("train"),
             corpus.weights,
             m.seq_len,
             t.batch_size,
@@ -91,7 +91,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         )
         held_out = HeldOut(
             loader.eval_batches(
-                corpus.split("validation"), corpus.weights, m.seq_len, t.batch_size, t.eval_batches
+                corpus.splits("validation"), corpus.weights, m.seq_len, t.batch_size, t.eval_batches
             ),
             corpus.tokenizer.token_bytes(),
             step.make_eval_step(graphdef, shardings["params"], mesh),

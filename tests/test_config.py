@@ -89,6 +89,14 @@ BAD = [
         "data.mixture: unknown source fields ['wieght']",
     ),
     (["--set", "data.source=tfds", "--set", "data.name=no_such_dataset_xyz"], "unknown TFDS dataset"),
+    (
+        ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "stdlib", "weight": "x"}]'],
+        "data.mixture: weight='x' is not a float",
+    ),
+    (
+        ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "jsonl", "path": 5}]'],
+        "data.mixture: path=5 is not a str",
+    ),
     (["--set", "model.n_kv_heads=-1"], "model.n_kv_heads=-1 must be >= 0"),
     (["--set", "model.d_ff=-5"], "model.d_ff=-5 must be >= 0"),
     (["--set", "optim.warmup_steps=-3"], "optim.warmup_steps=-3 must be >= 0"),

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmjax import config
 from lmjax.config import Source, UserError
-from lmjax.data import cache, sources, tokenizer
+from lmjax.data import cache, shards, sources, tokenizer
 from lmjax.data.__main__ import main as data_main
 
 
@@ -44,16 +45,54 @@ def test_tokenizer_round_trip_is_lossless(stdlib_corpus):
     ]
     for text in sample:
         assert tok.decode(tok.encode(text)) == text
+    # The documented exception: sentencepiece's own space mark U+2581 decodes as a space.
+    assert tok.decode(tok.encode("a\u2581b")) == "a b"
 
 
-def test_batch_encoding_line_by_line_equals_whole_texts(stdlib_corpus):
-    tok = stdlib_corpus.tokenizer
+def _foreign_tokenizer(tmp_path, **settings) -> Path:
+    """A sentencepiece model trained with other settings than lmjax's, as users bring them."""
+    import sentencepiece as spm
+
+    text = "".join(f"def f{i}(x):\n    return x + {i}  # ünï\n\n" for i in range(300))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n")),
+        model_prefix=str(tmp_path / "foreign"),
+        vocab_size=200,
+        minloglevel=2,
+        **settings,
+    )
+    return tmp_path / "foreign.model"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        None,  # lmjax's own: encoded line by line
+        dict(model_type="bpe", add_dummy_prefix=True, normalization_rule_name="identity"),  # LLaMA-like
+        dict(model_type="unigram", user_defined_symbols=["\n"], add_dummy_prefix=False),
+    ],
+    ids=["lmjax", "dummy-prefix", "unigram"],
+)
+def test_batch_encoding_equals_encoding_each_text(stdlib_corpus, tmp_path, settings):
+    tok = (
+        stdlib_corpus.tokenizer
+        if settings is None
+        else tokenizer.Tokenizer.load(_foreign_tokenizer(tmp_path, **settings))
+    )
+    assert tok._lines_are_independent == (settings is None)
     texts = _docs(Source("stdlib"))["validation"][:5]
-    texts += ["no newline", "\n", "\n\nx\n\n", "a\r\nb\r\n", "  indented\n\tend", "ü\n日本"]
+    texts += ["no newline", "\n", "\n\nx\n\n", "a\r\nb\r\n", "  indented\n\tend", "ü\n日本", "x\u2028y\n"]
     flat, lengths = tok.encode_batch(texts)
     whole = [tok.encode(t) for t in texts]
     np.testing.assert_array_equal(lengths, [len(x) for x in whole])
     np.testing.assert_array_equal(flat, [i for x in whole for i in x])
+
+
+def test_a_tokenizer_without_bos_or_eos_is_a_user_error(tmp_path, capsys):
+    model = _foreign_tokenizer(tmp_path, bos_id=-1)
+    argv = ["prepare", "--experiment", "stdlib_tiny", "--set", f"data.tokenizer_path={model}"]
+    assert data_main([*argv, "--set", f"data.cache_dir={tmp_path / 'c'}"]) == 2
+    assert "no <s> or </s> piece" in capsys.readouterr().err
 
 
 def test_invalid_utf8_becomes_replacement_character(tmp_path, stdlib_corpus):
@@ -76,7 +115,7 @@ def test_cache_holds_every_document_between_bos_and_eos(stdlib_corpus):
     tok = stdlib_corpus.tokenizer
     docs = _docs(Source("stdlib"))
     for name in ("train", "validation"):
-        (split,) = stdlib_corpus.split(name)
+        (split,) = stdlib_corpus.splits(name)
         assert len(split.starts) == len(docs[name])
         assert (split.take(split.starts) == tok.bos_id).all()
         ends = np.append(split.starts[1:], len(split)) - 1
@@ -170,8 +209,8 @@ def test_tokenizer_sample_is_bounded_and_follows_the_weights(tmp_path):
         Source("files", str(tmp_path / "b"), weight=1.0),
     )
     data = config.Data(source="mixture", mixture=mixture, tokenizer_sample_bytes=40_000)
-    sample = cache.tokenizer_sample(data)
-    assert sample == cache.tokenizer_sample(data)
+    sample = tokenizer.sample(data)
+    assert sample == tokenizer.sample(data)
     chars = Counter("a" if t.startswith("alpha") else "b" for t in sample for _ in range(len(t)))
     assert 30_000 <= chars["a"] + chars["b"] <= 40_000
     assert chars["a"] / (chars["a"] + chars["b"]) == pytest.approx(0.75, abs=0.05)
@@ -205,8 +244,8 @@ def test_a_cache_build_killed_halfway_is_rebuilt_not_read(tmp_path, stdlib_corpu
     assert not cache.entry_path(cfg).exists()  # the half-built entry is not in place
     corpus = cache.load_or_build(cfg, log=lambda m: None)
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # the abandoned build was cleaned up
-    (split,) = corpus.split("train")
-    (reference,) = stdlib_corpus.split("train")
+    (split,) = corpus.splits("train")
+    (reference,) = stdlib_corpus.splits("train")
     assert len(split) == len(reference)
     np.testing.assert_array_equal(split.take(np.arange(len(split))), reference.take(np.arange(len(split))))
 
@@ -214,7 +253,7 @@ def test_a_cache_build_killed_halfway_is_rebuilt_not_read(tmp_path, stdlib_corpu
 def test_interrupted_build_in_process_leaves_nothing(tmp_path, monkeypatch):
     (tmp_path / "corpus").mkdir()
     for i in range(30):
-        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i} " * 200)
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"document {i}\n" * 200)
     cfg = config.Data(
         source="files", path=str(tmp_path / "corpus"), vocab_size=290, cache_dir=str(tmp_path / "c")
     )
@@ -228,19 +267,80 @@ def test_interrupted_build_in_process_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert list((tmp_path / "c").iterdir()) == []
     corpus = cache.load_or_build(cfg, log=lambda m: None)
-    assert corpus.tokenizer.decode(corpus.split("train")[0].take(np.arange(1, 10))).startswith("document")
+    assert corpus.tokenizer.decode(corpus.splits("train")[0].take(np.arange(1, 10))).startswith("document")
 
 
-def test_cache_key_follows_corpus_and_settings(tmp_path):
+def test_cache_key_follows_corpus_and_settings(tmp_path, stdlib_corpus):
     _write_jsonl(tmp_path / "a.jsonl", 10)
-    base = config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"))
-    keys = {
-        cache.key(base),
-        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), field="id")),
-        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), vocab_size=999)),
-        cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl"), validation_percent=5)),
-    }
-    assert len(keys) == 4
-    assert cache.key(base) == cache.key(config.Data(source="jsonl", path=str(tmp_path / "a.jsonl")))
-    _write_jsonl(tmp_path / "a.jsonl", 11)
-    assert cache.key(base) not in keys
+    stdlib_corpus.tokenizer.save(tmp_path / "t.model")
+    path = str(tmp_path / "*.jsonl")
+    base = config.Data(source="jsonl", path=path)
+    variants = [
+        config.Data(source="jsonl", path=path, field="id"),
+        config.Data(source="jsonl", path=path, vocab_size=999),
+        config.Data(source="jsonl", path=path, validation_percent=5),
+        config.Data(source="jsonl", path=path, tokenizer_path=str(tmp_path / "t.model")),
+        config.Data(source="mixture", mixture=(Source("jsonl", path), Source("stdlib"))),
+        config.Data(source="mixture", mixture=(Source("jsonl", path, weight=2), Source("stdlib"))),
+    ]
+    keys = {cache.cache_key(base)} | {cache.cache_key(v) for v in variants}
+    assert len(keys) == 1 + len(variants)
+    assert cache.cache_key(base) == cache.cache_key(config.Data(source="jsonl", path=path))
+    _write_jsonl(tmp_path / "b.jsonl", 3)  # the glob matches one more file
+    assert cache.cache_key(base) not in keys
+    keys.add(cache.cache_key(base))
+    _write_jsonl(tmp_path / "a.jsonl", 11)  # a file changes
+    assert cache.cache_key(base) not in keys
+
+
+def test_block_shards_hold_the_stream_exactly(tmp_path, monkeypatch, stdlib_corpus):
+    """Tiny blocks and shards: many shard files and a short last block read back exactly."""
+    monkeypatch.setattr(shards, "BLOCK_TOKENS", 16)
+    monkeypatch.setattr(shards, "SHARD_BLOCKS", 3)
+    texts = [f"line {i}\n" * (i % 7 + 1) for i in range(50)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stdlib_corpus.tokenizer.save(tmp_path / "t.model")
+    data = config.Data(
+        source="jsonl",
+        path=str(tmp_path / "a.jsonl"),
+        tokenizer_path=str(tmp_path / "t.model"),
+        cache_dir=str(tmp_path / "c"),
+    )
+    corpus = cache.load_or_build(data, log=lambda m: None)
+    tok = corpus.tokenizer
+    docs = _docs(data.components()[0])
+    for name in ("train", "validation"):
+        (split,) = corpus.splits(name)
+        want = [i for t in docs[name] for i in (tok.bos_id, *tok.encode(t), tok.eos_id)]
+        assert len(split) == len(want) and len(want) % 16 != 0  # the last block is short
+        np.testing.assert_array_equal(split.take(np.arange(len(want))), want)
+        idx = np.random.default_rng(0).integers(0, len(want), (7, 33))
+        np.testing.assert_array_equal(split.take(idx), np.array(want)[idx])
+    assert len(list((cache.entry_path(data) / "c0").glob("train-*.array_record"))) > 3
+
+
+def test_folders_skip_hidden_and_underscore_files_and_take_the_suffix(tmp_path):
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "pack").write_text("binary junk")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "README.md").write_text("about")
+    _write_jsonl(tmp_path / "a.jsonl", 3)
+    _, files = sources.user_files(str(tmp_path))
+    assert sorted(p.name for p in files) == ["README.md", "a.jsonl"]
+    _, files = sources.user_files(str(tmp_path), (".jsonl",))
+    assert [p.name for p in files] == ["a.jsonl"]
+
+
+def test_jsonl_text_must_be_text_and_bad_bytes_are_replaced(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "caf\xff"}\n{"text": null}\n{"text": 7}\n')
+    stream = sources.documents(Source("jsonl", str(tmp_path / "a.jsonl")), 2.0)
+    assert next(stream)[1] == "caf\ufffd"  # then null is an empty document, skipped
+    with pytest.raises(UserError, match=r"a.jsonl:3: 'text' holds int, not text"):
+        next(stream)
+
+
+def test_an_unwritable_cache_dir_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["prepare", "--experiment", "stdlib_tiny", "--set", f"data.cache_dir={tmp_path / 'file' / 'c'}"]
+    assert data_main(argv) == 2
+    assert "cannot write the token cache" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def test_uniform_model_costs_log2_vocab_bits_per_token(stdlib_corpus):
     vocab = stdlib_corpus.tokenizer.vocab_size
     exp = tiny_experiment("gpt2", f"model.vocab_size={vocab}")
     mesh = sharding.make_mesh(exp, jax.devices()[:1])
-    batches = loader.eval_batches(stdlib_corpus.split("validation"), [1.0], exp.model.seq_len, 8, 3)
+    batches = loader.eval_batches(stdlib_corpus.splits("validation"), [1.0], exp.model.seq_len, 8, 3)
     token_bytes = stdlib_corpus.tokenizer.token_bytes()
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, optim.make(exp.optim, 1), mesh)

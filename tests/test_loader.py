@@ -1,6 +1,5 @@
 """Packing into windows, shuffling, resuming, per-host slices and mixtures."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -29,14 +28,14 @@ def test_windows_mark_documents():
 def test_packing_covers_the_split_and_never_mixes_documents(stdlib_corpus):
     """Every window of the real cache, in order: tokens tile the split (only the tail under
     one window is dropped), and segments and positions follow the document starts exactly."""
-    (split,) = stdlib_corpus.split("validation")
+    (split,) = stdlib_corpus.splits("validation")
     T = 64
     n = loader.num_windows(split, T)
     w = loader.windows(split, np.arange(n) * T, T)
     everything = split.take(np.arange(len(split)))
     np.testing.assert_array_equal(w["inputs"].ravel(), everything[: n * T])
     np.testing.assert_array_equal(w["targets"].ravel(), everything[1 : n * T + 1])
-    assert len(split) - 1 - n * T < T  # the dropped tail
+    assert len(split) - 1 - n * T < T and n * T + 1 <= len(split)  # only a short tail is dropped
     doc = np.searchsorted(split.starts, np.arange(n * T), side="right") - 1
     doc_BT = doc.reshape(n, T)
     # Same segment id <=> same document, and positions count from the document's start.
@@ -52,7 +51,7 @@ def test_packing_covers_the_split_and_never_mixes_documents(stdlib_corpus):
 
 
 def _batches(corpus, seed=0, rows=None, batch=8, seq=32):
-    return loader.TrainBatches(corpus.split("train"), corpus.weights, seq, batch, seed, rows=rows)
+    return loader.TrainBatches(corpus.splits("train"), corpus.weights, seq, batch, seed, rows=rows)
 
 
 def test_same_seed_same_batches_other_seed_other_order(stdlib_corpus):
@@ -88,26 +87,38 @@ def test_resume_from_saved_state_continues_exactly(stdlib_corpus):
 
 
 @pytest.mark.parametrize("hosts", [2, 4])
+@pytest.mark.parametrize("placement", ["blocks", "interleaved"])
 @pytest.mark.parametrize("mesh_axes", [(8, 1, 1), (2, 4, 1), (4, 1, 2)])
-def test_simulated_hosts_read_disjoint_rows_that_cover_the_batch(stdlib_corpus, hosts, mesh_axes):
+def test_simulated_hosts_read_their_rows_and_together_cover_the_batch(
+    stdlib_corpus, hosts, placement, mesh_axes
+):
+    """Hosts own devices in blocks (0-3, 4-7) or interleaved (0,2,4,6 / 1,3,5,7): interleaved
+    gives a host non-contiguous rows, and with a tensor axis across hosts, shared rows."""
     data, fsdp, tensor = mesh_axes
     exp = config.Experiment(mesh=config.Mesh(data=data, fsdp=fsdp, tensor=tensor))
     mesh = sharding.make_mesh(exp)
     with sharding.use(mesh, exp.mesh.rules):
         batch_sh = step.batch_sharding(mesh)
-    devices = jax.devices()
-    per_host = len(devices) // hosts
-    host_devices = [devices[h * per_host : (h + 1) * per_host] for h in range(hosts)]
-    rows = [sharding.host_rows(batch_sh, 16, d) for d in host_devices]
+    devices = list(mesh.devices.flat)
+    owner = [i * hosts // 8 if placement == "blocks" else i % hosts for i in range(8)]
+    rows = [
+        sharding.host_rows(batch_sh, 16, [d for d, o in zip(devices, owner, strict=True) if o == h])
+        for h in range(hosts)
+    ]
     whole = _batches(stdlib_corpus, batch=16)
     parts = [_batches(stdlib_corpus, rows=r, batch=16) for r in rows]
     for _ in range(2):
         want = next(whole)["inputs"]
-        got = [next(p)["inputs"] for p in parts]
-        for r, g in zip(rows, got, strict=True):
-            np.testing.assert_array_equal(g, want[r])
-        assert sorted(np.concatenate(rows)) == list(range(16))  # disjoint, and they cover it
-    assert len(rows[0]) == 16 // min(hosts, data * fsdp)
+        for r, part in zip(rows, parts, strict=True):
+            np.testing.assert_array_equal(next(part)["inputs"], want[r])
+    assert set(np.concatenate(rows)) == set(range(16))  # together they cover the batch
+    replicas = {tuple(r) for r in rows}
+    if tensor > 1 and placement == "interleaved":  # tensor pairs (0,1), (2,3)... span hosts
+        assert len(replicas) < hosts
+    else:
+        assert sorted(np.concatenate(rows)) == list(range(16))  # and are disjoint
+    if placement == "interleaved" and tensor == 1:
+        assert any(np.any(np.diff(r) > 1) for r in rows)  # non-contiguous rows
 
 
 def test_mixture_follows_its_weights(tmp_path):
@@ -121,13 +132,15 @@ def test_mixture_follows_its_weights(tmp_path):
     )
     data = config.Data(source="mixture", mixture=mixture, vocab_size=300, cache_dir=str(tmp_path / "c"))
     corpus = cache.load_or_build(data, log=lambda m: None)
-    batches = loader.TrainBatches(corpus.split("train"), corpus.weights, 32, 20, seed=0)
+    batches = loader.TrainBatches(corpus.splits("train"), corpus.weights, 32, 20, seed=0)
     words = [corpus.tokenizer.decode(row) for _ in range(50) for row in next(batches)["inputs"]]
     share = np.mean(["alpha" in w for w in words])
     assert all(("alpha" in w) != ("omega" in w) for w in words)  # a window holds one corpus
     assert share == pytest.approx(0.7, abs=0.02)  # 1000 windows: grain mixes by exact ratio
-    held_out = loader.eval_batches(corpus.split("validation"), corpus.weights, 32, 10, 1)[0]
-    assert 0 < np.mean(["alpha" in corpus.tokenizer.decode(r) for r in held_out["inputs"]]) < 1
+    held_out = loader.eval_batches(corpus.splits("validation"), corpus.weights, 32, 10, 2)
+    rows = [r for b in held_out for r, m in zip(b["inputs"], b["loss_mask"], strict=True) if m.any()]
+    assert len(rows) == 20  # both corpora have enough validation windows
+    assert np.mean(["alpha" in corpus.tokenizer.decode(r) for r in rows]) == 0.7
 
 
 def test_eval_batches_pad_a_short_split_with_masked_rows():

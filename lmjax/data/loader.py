@@ -27,18 +27,18 @@ Batch = dict[str, np.ndarray]
 
 def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> Batch:
     """Windows of `seq_len + 1` tokens starting at token offsets `starts_B`, as inputs/targets."""
-    idx_BT = starts_B[:, None] + np.arange(seq_len + 1)
-    tokens_BT = split.take(idx_BT)
-    doc_BT = np.searchsorted(split.starts, idx_BT, side="right") - 1
-    segments_BT = doc_BT - doc_BT[:, :1] + 1
+    idx_BL = starts_B[:, None] + np.arange(seq_len + 1)  # L = seq_len + 1: inputs and targets
+    tokens_BL = split.take(idx_BL)
+    doc_BL = np.searchsorted(split.starts, idx_BL, side="right") - 1
+    segments_BL = doc_BL - doc_BL[:, :1] + 1
     # Positions count from the document's start, or from the window's when it began earlier.
-    positions_BT = idx_BT - np.maximum(split.starts[doc_BT], starts_B[:, None])
+    positions_BL = idx_BL - np.maximum(split.starts[doc_BL], starts_B[:, None])
     return {
-        "inputs": tokens_BT[:, :-1],
-        "targets": tokens_BT[:, 1:],
-        "segment_ids": segments_BT[:, :-1].astype(np.int32),
-        "positions": positions_BT[:, :-1].astype(np.int32),
-        "loss_mask": (segments_BT[:, 1:] == segments_BT[:, :-1]).astype(np.float32),
+        "inputs": tokens_BL[:, :-1],
+        "targets": tokens_BL[:, 1:],
+        "segment_ids": segments_BL[:, :-1].astype(np.int32),
+        "positions": positions_BL[:, :-1].astype(np.int32),
+        "loss_mask": (segments_BL[:, 1:] == segments_BL[:, :-1]).astype(np.float32),
     }
 
 
@@ -64,7 +64,8 @@ class _Materialize:
         return out
 
 
-def _window_ids(splits: list[Split], seq_len: int, what: str):
+def _window_ids(splits: list[Split], seq_len: int, what: str) -> list:
+    """Per corpus, a grain MapDataset of (corpus index, window id) over all its windows."""
     import grain
 
     datasets = []
@@ -101,7 +102,7 @@ class TrainBatches:
             ds.shuffle(seed=(seed * 1_000_003 + 7919 * p) % 2**32).repeat()
             for p, ds in enumerate(_window_ids(splits, seq_len, "training"))
         ]
-        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))  # exact ratios
         self.dataset = mixed.batch(batch_size).map(_Materialize(splits, seq_len, rows))
         options = grain.ReadOptions(num_threads=min(prefetch, 2), prefetch_buffer_size=prefetch)
         self._iterable = self.dataset.to_iter_dataset(options)
@@ -127,18 +128,19 @@ class TrainBatches:
 def eval_batches(
     splits: list[Split], weights: Sequence[float], seq_len: int, batch_size: int, n_batches: int
 ) -> list[Batch]:
-    """The first `n_batches` batches of validation windows in order (corpora mixed by weight).
+    """Up to `n_batches` batches of validation windows, in order: each corpus gives its first
+    windows in proportion to its weight (fewer when it has fewer).
 
-    When the split holds fewer windows, the last batch is filled with rows whose loss_mask is
-    0, so every window counts once and none twice."""
-    import grain
-
-    parts = _window_ids(splits, seq_len, "validation")
-    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights))
-    ids = [mixed[i] for i in range(min(len(mixed), n_batches * batch_size))]
-    part_N, window_N = np.array([p for p, _ in ids]), np.array([w for _, w in ids])
-    padding = -len(ids) % batch_size
-    part_N, window_N = np.pad(part_N, (0, padding)), np.pad(window_N, (0, padding))
-    batch = _Materialize(splits, seq_len, None)((part_N, window_N))
-    batch["loss_mask"][len(ids) :] = 0
-    return [{k: v[i : i + batch_size] for k, v in batch.items()} for i in range(0, len(part_N), batch_size)]
+    The last batch is filled with rows whose loss_mask is 0, so every window counts once and
+    none twice."""
+    wanted = n_batches * batch_size
+    parts = [np.asarray(list(ds)) for ds in _window_ids(splits, seq_len, "validation")]
+    shares = [min(len(ids), round(wanted * w / sum(weights))) for ids, w in zip(parts, weights, strict=True)]
+    ids_N2 = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
+    padding = -len(ids_N2) % batch_size
+    batch = _Materialize(splits, seq_len, None)(tuple(np.pad(ids_N2, ((0, padding), (0, 0))).T))
+    batch["loss_mask"][len(ids_N2) :] = 0
+    return [
+        {k: v[i : i + batch_size] for k, v in batch.items()}
+        for i in range(0, len(ids_N2) + padding, batch_size)
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -36,29 +37,50 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
-def user_files(pattern: str) -> tuple[Path, list[Path]]:
+def user_files(pattern: str, suffixes: tuple[str, ...] = ()) -> tuple[Path, list[Path]]:
+    """(root, files) for a file, a folder or a glob. In a folder, names starting with "." or
+    "_" (.git, _SUCCESS) are skipped, and only `suffixes` are taken when given. The root is the
+    folder or the glob's fixed prefix: document keys are relative to it."""
     path = Path(pattern).expanduser()
     if path.is_file():
         return path.parent, [path]
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and not any(part[0] in "._" for part in p.relative_to(path).parts)
+            and (not suffixes or p.name.endswith(suffixes))
+        ]
         return path, sorted(files)
     files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    root = Path(os.path.commonpath([p.parent for p in files])) if files else Path(".")
-    return root, files
+    fixed = [part for part in itertools.takewhile(lambda part: not glob.has_magic(part), path.parts)]
+    return Path(*fixed) if fixed else Path("."), files
+
+
+_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
 
 def corpus_files(c: Source) -> tuple[Path, list[Path]]:
-    root, files = stdlib_files() if c.source == "stdlib" else user_files(c.path)
+    root, files = stdlib_files() if c.source == "stdlib" else user_files(c.path, _SUFFIXES.get(c.source, ()))
     if not files:
-        where = "the standard library" if c.source == "stdlib" else f"{c.source} path {c.path!r}"
-        raise UserError(f"{where} matches no files; point data.path at existing {c.source} files")
+        raise UserError(f"{describe(c)} matches no files; point data.path at existing {c.source} files")
     return root, files
+
+
+def describe(c: Source) -> str:
+    return {"stdlib": "the stdlib corpus", "tfds": f"tfds {c.name or c.path}"}.get(
+        c.source, f"{c.source} {c.path}"
+    )
 
 
 def is_validation(key: str, percent: float) -> bool:
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 10_000
     return bucket < percent * 100
+
+
+def split_of(key: str, percent: float) -> str:
+    return "validation" if is_validation(key, percent) else "train"
 
 
 def documents(c: Source, validation_percent: float) -> Iterator[Document]:
@@ -74,7 +96,8 @@ def documents(c: Source, validation_percent: float) -> Iterator[Document]:
 
 
 def fingerprint(c: Source) -> str:
-    """Identifies a corpus's content cheaply: file names, sizes and mtimes, and the reader."""
+    """Identifies a corpus's content cheaply: its reader, file names (from the root), sizes
+    and mtimes."""
     h = hashlib.sha256(f"{c.source}|{c.field}|{sys.version_info[:2]}".encode())
     if c.source == "tfds":
         from lmjax.data import tfds_source
@@ -82,6 +105,7 @@ def fingerprint(c: Source) -> str:
         h.update(tfds_source.fingerprint(c.name, c.path, c.field).encode())
         return h.hexdigest()[:16]
     root, files = corpus_files(c)
+    h.update(str(root.absolute()).encode())
     for p in files:
         st = p.stat()
         h.update(f"{_relative(p, root)}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -92,15 +116,20 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
-def _text_files(c: Source, percent: float) -> Iterator[Document]:
-    """One document per file. When every file hashes to one split (a single file, say), each
-    file gives its last `percent` of lines to validation instead."""
+def _keyed_files(c: Source) -> Iterator[tuple[Path, str]]:
     root, files = corpus_files(c)
-    splits = ["validation" if is_validation(_relative(p, root), percent) else "train" for p in files]
-    by_lines = len(set(splits)) == 1
-    for path, split in zip(files, splits, strict=True):
+    return ((path, _relative(path, root)) for path in files)
+
+
+def _text_files(c: Source, percent: float) -> Iterator[Document]:
+    """One document per file. With too few files for a fair hash split (fewer than 100/percent,
+    or all in one split), each file gives its last `percent` of lines to validation instead."""
+    files = list(_keyed_files(c))
+    splits = [split_of(rel, percent) for _, rel in files]
+    by_lines = len(files) < 100 / percent or len(set(splits)) == 1
+    for (path, _), split in zip(files, splits, strict=True):
         text = path.read_bytes().decode("utf-8", errors="replace")
-        if by_lines:
+        if by_lines and "\n" in text.rstrip("\n"):  # a one-line file keeps its hash split
             yield from _split_by_lines(text, percent)
         else:
             yield split, text
@@ -113,16 +142,27 @@ def _split_by_lines(text: str, percent: float) -> Iterator[Document]:
     yield "validation", "".join(lines[cut:])
 
 
+def _as_text(value: object, where: str, field: str) -> str:
+    """A field's value as text: None is an empty document, anything but text an error."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise UserError(
+            f"{where}: {field!r} holds {type(value).__name__}, not text; set data.field to a text field"
+        )
+    return value
+
+
 def _jsonl(c: Source, percent: float) -> Iterator[Document]:
-    root, files = corpus_files(c)
-    for path in files:
-        rel = _relative(path, root)
+    for path, rel in _keyed_files(c):
         with path.open("rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8", errors="replace"))
                 except ValueError:
                     raise UserError(f"{path}:{number} is not a JSON object; give JSON Lines files") from None
                 if not isinstance(record, dict) or c.field not in record:
@@ -130,10 +170,9 @@ def _jsonl(c: Source, percent: float) -> Iterator[Document]:
                     raise UserError(
                         f"{path}:{number} has no field {c.field!r}; set data.field to one of {keys}"
                     )
-                text = record[c.field]
                 yield (
-                    ("validation" if is_validation(f"{rel}:{number}", percent) else "train"),
-                    str(text or ""),
+                    split_of(f"{rel}:{number}", percent),
+                    _as_text(record[c.field], f"{path}:{number}", c.field),
                 )
 
 
@@ -142,9 +181,7 @@ def _parquet(c: Source, percent: float) -> Iterator[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None
-    root, files = corpus_files(c)
-    for path in files:
-        rel = _relative(path, root)
+    for path, rel in _keyed_files(c):
         try:
             table = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
@@ -154,11 +191,7 @@ def _parquet(c: Source, percent: float) -> Iterator[Document]:
         columns = table.schema_arrow.names
         if c.field not in columns:
             raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
-        row = 0
+        rows = itertools.count()
         for batch in table.iter_batches(columns=[c.field], batch_size=4096):
             for value in batch.column(0).to_pylist():
-                text = (
-                    value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value or "")
-                )
-                yield ("validation" if is_validation(f"{rel}:{row}", percent) else "train"), text
-                row += 1
+                yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)

@@ -2,13 +2,16 @@
 
 Lossless: identity normalisation, whitespace kept (runs of spaces become pieces, so
 indentation is cheap), no dummy prefix, byte fallback for anything outside the vocabulary,
-and "\n" as a piece of its own. So `decode(encode(text)) == text` for every valid string, and
+and "\n" as a piece of its own. So `decode(encode(text)) == text` for every valid string but
+one that holds U+2581 ("▁", sentencepiece's own mark for a space: it decodes as a space), and
 the UTF-8 bytes behind each id are known exactly (`token_bytes`), which is what bits per byte
-needs. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS).
+needs. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS). A model loaded from `data.tokenizer_path`
+keeps its own settings and ids, but must have BOS and EOS.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import itertools
 import os
@@ -49,6 +52,9 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise UserError("the tokenizer has no <s> or </s> piece; lmjax frames documents with both")
+        self._lines_are_independent = _lines_are_independent(model_proto)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -69,9 +75,12 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all texts back to back, number of ids of each text), on `threads` (0: all).
 
-        Encodes line by line: "\n" is a piece of its own, so no piece spans lines and the ids
-        are the same as whole texts give, while sentencepiece's BPE runs ~15% faster on the
-        shorter inputs."""
+        Encodes line by line where that gives the same ids as whole texts (`_lines_are_independent`):
+        sentencepiece's BPE runs ~15% faster on the shorter inputs."""
+        if not self._lines_are_independent:
+            ids = self._sp.encode(texts, num_threads=threads or -1)
+            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+            return np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum())), lengths
         lines: list[str] = []
         lines_per_text = np.empty(len(texts), np.int64)
         for i, text in enumerate(texts):
@@ -99,6 +108,59 @@ class Tokenizer:
             elif not (sp.is_control(i) or sp.is_unknown(i)):
                 out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode())
         return out
+
+
+def _lines_are_independent(model_proto: bytes) -> bool:
+    """True when no piece can depend on text across a "\n": BPE (unigram breaks ties by the
+    whole input), "\n" a piece of its own, and no dummy prefix or whitespace folding (which
+    would add or drop a space at each line start). lmjax's own models all qualify."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # needs protobuf; whole texts are always right
+        return False
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    newline = [p for p in proto.pieces if p.piece == "\n"]
+    return (
+        proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+        and bool(newline)
+        and newline[0].type == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        and not proto.normalizer_spec.add_dummy_prefix
+        and not proto.normalizer_spec.remove_extra_whitespaces
+        and proto.normalizer_spec.name == "identity"
+    )
+
+
+def sample(cfg: config.Data, seed: int = 0) -> list[str]:
+    """About `tokenizer_sample_bytes` (UTF-8) of training documents, each corpus by its weight.
+
+    A seeded reservoir (keep the documents with the smallest random keys that fit the budget)
+    over the first 20x the budget of each corpus: uniform over small corpora, bounded reading
+    of large ones.
+    """
+    from lmjax.data import sources
+
+    components = cfg.components()
+    total_weight = sum(c.weight for c in components)
+    out: list[str] = []
+    for c in components:
+        budget = cfg.tokenizer_sample_bytes * c.weight / total_weight
+        rng, heap, kept, seen = random.Random(seed), [], 0, 0
+        for index, (split, text) in enumerate(sources.documents(c, cfg.validation_percent)):
+            if split != "train":
+                continue
+            size = len(text.encode())
+            heapq.heappush(heap, (-rng.random(), index, size, text))
+            kept += size
+            seen += size
+            while kept > budget and len(heap) > 1:
+                kept -= heapq.heappop(heap)[2]
+            if seen >= 20 * budget:
+                break
+        out += [text for _, _, _, text in sorted(heap, key=lambda item: item[1])]
+    if not any(out):
+        raise UserError(f"the corpus ({sources.describe(components[0])}) is empty; give files with text")
+    return out
 
 
 def train(texts: list[str], cfg: config.Data, seed: int = 0) -> Tokenizer:

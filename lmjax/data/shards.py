@@ -1,0 +1,90 @@
+"""A token stream on disk: fixed blocks of tokens, one ArrayRecord record per block.
+
+Fixed blocks make any token range one or two reads away, so the loader cuts windows with numpy
+instead of packing documents token by token in Python. Records use `group_size:1`, so each
+block is read alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_TOKENS = 8192
+SHARD_BLOCKS = 8192  # 64M tokens per shard file
+
+
+class Blocks:
+    """A split's tokens in records of `block_tokens` each (the last one short); reads like an
+    array through `take`."""
+
+    def __init__(self, paths: list[Path], n_tokens: int, dtype: np.dtype, block_tokens: int = BLOCK_TOKENS):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self._source = ArrayRecordDataSource([str(p) for p in paths])
+        self._n, self.dtype, self.block_tokens = n_tokens, dtype, block_tokens
+
+    def __len__(self) -> int:
+        return self._n
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """tokens[idx] for an index array of any shape, reading each needed block once."""
+        block_ids, where = np.unique(idx // self.block_tokens, return_inverse=True)
+        blocks_KB = np.zeros((len(block_ids), self.block_tokens), self.dtype)
+        for k, record in enumerate(self._source.__getitems__(block_ids.tolist())):
+            block = np.frombuffer(record, self.dtype)
+            blocks_KB[k, : len(block)] = block
+        return blocks_KB[where.reshape(idx.shape), idx % self.block_tokens]
+
+
+class StreamWriter:
+    """Appends documents, framed as <s> ids </s>, to a token stream written in fixed blocks;
+    `close` saves where each document starts and returns the split's summary."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, bos_id: int, eos_id: int):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._new_writer = lambda path: ArrayRecordWriter(str(path), "group_size:1")
+        self.folder, self.split, self.dtype, self.bos_id, self.eos_id = folder, split, dtype, bos_id, eos_id
+        self.pending: list[np.ndarray] = []
+        self.tokens = self.blocks = self.bytes = 0
+        self.starts: list[np.ndarray] = []
+        self.shards: list[str] = []
+        self._writer = None
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, n_bytes: int) -> None:
+        """Documents' `ids` back to back, `lengths` ids each, holding `n_bytes` of text."""
+        framed = lengths + 2
+        starts = np.concatenate([[0], np.cumsum(framed)[:-1]]).astype(np.int64)
+        stream = np.empty(int(framed.sum()), self.dtype)
+        is_text = np.ones(len(stream), bool)
+        is_text[starts] = is_text[starts + framed - 1] = False
+        stream[starts], stream[starts + framed - 1], stream[is_text] = self.bos_id, self.eos_id, ids
+        self.pending.append(stream)
+        self.starts.append(self.tokens + starts)
+        self.tokens += len(stream)
+        self.bytes += n_bytes
+        if sum(map(len, self.pending)) >= BLOCK_TOKENS:
+            self._write(final=False)
+
+    def close(self) -> dict:
+        self._write(final=True)
+        if self._writer is not None:
+            self._writer.close()
+        starts = np.concatenate(self.starts) if self.starts else np.zeros(0, np.int64)
+        np.save(self.folder / f"{self.split}-starts.npy", starts)
+        return {"tokens": self.tokens, "documents": len(starts), "bytes": self.bytes, "shards": self.shards}
+
+    def _write(self, final: bool) -> None:
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        whole = len(stream) if final else len(stream) // BLOCK_TOKENS * BLOCK_TOKENS
+        for start in range(0, whole, BLOCK_TOKENS):
+            if self.blocks % SHARD_BLOCKS == 0:
+                if self._writer is not None:
+                    self._writer.close()
+                self.shards.append(f"{self.split}-{len(self.shards):05d}.array_record")
+                self._writer = self._new_writer(self.folder / self.shards[-1])
+            self._writer.write(stream[start : start + BLOCK_TOKENS].tobytes())
+            self.blocks += 1
+        self.pending = [stream[whole:]]
