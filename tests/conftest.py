@@ -59,6 +59,20 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) ->
     return loader.windows(split, rng.integers(0, lengths.sum() - seq_len - 1, batch_size), seq_len)
 
 
+def two_corpora(
+    folder: Path, weights: tuple[float, float], files: int, text: str
+) -> tuple[config.Source, ...]:
+    """Folders a/ (words "alpha") and b/ (words "omega") of `files` files each, as a mixture;
+    `text` is a format string of {word} and {i}."""
+    for name, word in (("a", "alpha"), ("b", "omega")):
+        (folder / name).mkdir()
+        for i in range(files):
+            (folder / name / f"{i}.txt").write_text(text.format(word=word, i=i))
+    return tuple(
+        config.Source("files", str(folder / n), weight=w) for n, w in zip("ab", weights, strict=True)
+    )
+
+
 @pytest.fixture(scope="session")
 def stdlib_corpus() -> cache.Corpus:
     return cache.load_or_build(TINY_DATA, log=lambda m: None)

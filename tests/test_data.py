@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import two_corpora
 
 from lmjax import config
 from lmjax.config import Source, UserError
@@ -200,14 +201,7 @@ def test_tokenizer_file_is_loaded_and_bad_file_rejected(tmp_path, stdlib_corpus)
 
 
 def test_tokenizer_sample_is_bounded_and_follows_the_weights(tmp_path):
-    for name, word in (("a", "alpha"), ("b", "omega")):
-        (tmp_path / name).mkdir()
-        for i in range(200):
-            (tmp_path / name / f"{i}.txt").write_text(f"{word} {i}\n" * 50)
-    mixture = (
-        Source("files", str(tmp_path / "a"), weight=3.0),
-        Source("files", str(tmp_path / "b"), weight=1.0),
-    )
+    mixture = two_corpora(tmp_path, (3.0, 1.0), 200, "{word} {i}\n" * 50)
     data = config.Data(source="mixture", mixture=mixture, tokenizer_sample_bytes=40_000)
     sample = tokenizer.sample(data)
     assert sample == tokenizer.sample(data)

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import two_corpora
 
 from lmjax import config, sharding, step
-from lmjax.config import Source
 from lmjax.data import cache, loader
 
 
@@ -122,14 +122,7 @@ def test_simulated_hosts_read_their_rows_and_together_cover_the_batch(
 
 
 def test_mixture_follows_its_weights(tmp_path):
-    for name, word in (("a", "alpha"), ("b", "omega")):
-        (tmp_path / name).mkdir()
-        for i in range(60):
-            (tmp_path / name / f"{i}.txt").write_text(f"{word} {i} " * 40)
-    mixture = (
-        Source("files", str(tmp_path / "a"), weight=0.7),
-        Source("files", str(tmp_path / "b"), weight=0.3),
-    )
+    mixture = two_corpora(tmp_path, (0.7, 0.3), 60, "{word} {i} " * 40)
     data = config.Data(source="mixture", mixture=mixture, vocab_size=300, cache_dir=str(tmp_path / "c"))
     corpus = cache.load_or_build(data, log=lambda m: None)
     batches = loader.TrainBatches(corpus.splits("train"), corpus.weights, 32, 20, seed=0)
