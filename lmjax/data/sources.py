@@ -7,7 +7,10 @@ document per row, the text in column `field`. `tfds`: see tfds_source.py.
 
 A document goes to validation when the hash of its key (a file's relative path, or
 "path:line" / "path:row") falls below `validation_percent`, so the split is the same on every
-machine with the same files. Bytes that are not UTF-8 become U+FFFD (documented replacement).
+machine with the same files. Text files too few for a fair split by file (fewer than
+100 / validation_percent) give their last lines to validation instead. Folders skip names
+starting with "." or "_". Bytes that are not UTF-8 become U+FFFD (documented replacement).
+A text file is read whole: split a huge one into several, or use JSONL/Parquet.
 """
 
 from __future__ import annotations
