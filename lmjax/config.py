@@ -37,8 +37,10 @@ class Model:
     dtype: str = "bfloat16"  # activations and matmuls
     param_dtype: str = "float32"  # master weights and optimizer state
     scan_layers: bool = False  # lax.scan over layers: faster compile, slower step on GPU
-    remat: str = "none"  # none | full | dots (save matmul outputs)
-    attention: str = "auto"  # auto | xla | cudnn | reference
+    remat: str = "none"  # none | full | dots (save matmul outputs) | named (save remat_names)
+    remat_names: tuple[str, ...] = ("attn_out",)  # remat=named: activations kept (model.REMAT_NAMES)
+    attention: str = "auto"  # auto | one of attention.IMPLEMENTATIONS (see attention.py)
+    loss_chunk: int = 0  # >0: cross-entropy over this many positions at a time (seq_len % it == 0)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -154,6 +156,8 @@ class Train:
     eval_batches: int = 8
     peak_tflops: float = 0.0  # 0: the datasheet peak of a known device; MFU omitted on CPU
     progress: bool = True
+    profile_steps: tuple[int, ...] = ()  # (first, last): jax.profiler trace of these steps
+    xla_flags: bool = True  # set lmjax's verified XLA flags for the backend when XLA_FLAGS is unset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,16 +341,29 @@ def validate(exp: Experiment) -> None:
         m.param_dtype in _DTYPES,
         f"model.param_dtype={m.param_dtype!r}: use one of {sorted(_DTYPES)}",
     )
-    _require(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: use none|full|dots")
     _require(
-        m.attention in ("auto", "xla", "cudnn", "reference"),
-        f"model.attention={m.attention!r}: use auto|xla|cudnn|reference",
+        m.remat in ("none", "full", "dots", "named"), f"model.remat={m.remat!r}: use none|full|dots|named"
+    )
+    unknown_names = sorted(set(m.remat_names) - set(REMAT_NAMES))
+    _require(not unknown_names, f"model.remat_names has {unknown_names}; choose from {list(REMAT_NAMES)}")
+    _require(
+        m.loss_chunk == 0 or m.seq_len % m.loss_chunk == 0,
+        f"model.loss_chunk={m.loss_chunk} does not divide model.seq_len={m.seq_len}; pick a divisor or 0",
+    )
+    _require(
+        m.attention in ATTENTION,
+        f"model.attention={m.attention!r}: use {'|'.join(ATTENTION)}",
     )
     _require(
         t.batch_size % t.microbatches == 0,
         f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}",
     )
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
+    _require(
+        t.profile_steps == ()
+        or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+        f"train.profile_steps={list(t.profile_steps)}: give [first, last] steps (from 1), or []",
+    )
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _validate_sources(d)
     _require(d.tokenizer in ("bpe", "unigram"), f"data.tokenizer={d.tokenizer!r}: use bpe|unigram")
@@ -440,6 +457,10 @@ def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
+# Kept here, not imported, so the config is checked before jax is: attention.py and model.py
+# test that they agree.
+ATTENTION = ("auto", "xla", "cudnn", "cudnn_packed", "pallas", "splash", "reference")
+REMAT_NAMES = ("qkv", "attn_out", "mlp_hidden")
 _POSITIVE = (
     "model.d_model",
     "model.n_layers",
@@ -460,6 +481,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "model.n_kv_heads",
     "model.d_ff",
+    "model.loss_chunk",
     "optim.warmup_steps",
     "optim.weight_decay",
     "optim.clip_norm",
