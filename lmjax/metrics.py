@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,26 @@ class Throughput:
         rate = (tokens - self._tokens) / max(time.time() - self._time, 1e-9)
         self.restart(tokens)
         return rate
+
+
+class StepTrace:
+    """A `jax.profiler` trace of steps first..last (1-based) into `folder`, for TensorBoard's
+    profile plugin or Perfetto; the last traced step is waited for so the trace holds it."""
+
+    def __init__(self, folder: Path, steps: tuple[int, ...], log: Callable[[str], None]):
+        self.folder, self.log = folder, log
+        self.first, self.last = steps if steps else (0, -1)
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            import jax
+
+            jax.profiler.start_trace(str(self.folder))
+
+    def after(self, step: int, outputs: Any) -> None:
+        if step == self.last:
+            import jax
+
+            jax.block_until_ready(outputs)
+            jax.profiler.stop_trace()
+            self.log(f"profile of steps {self.first}-{self.last} in {self.folder}")

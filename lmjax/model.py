@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmjax import config
 from lmjax.attention import attention
@@ -86,6 +87,15 @@ class Transformer(nnx.Module):
         positions_BT: jax.Array | None = None,
     ) -> jax.Array:
         """Logits `[B, T, V]` in the compute dtype; padded vocabulary ids get the dtype's min."""
+        return logits(self.cfg, self.hidden(tokens_BT, segment_ids_BT, positions_BT), self.head_DV())
+
+    def hidden(
+        self,
+        tokens_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final-normed hidden states `[B, T, D]` that the head turns into logits."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         if positions_BT is None:
@@ -102,8 +112,7 @@ class Transformer(nnx.Module):
             _block, cfg=cfg, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT
         )
         if cfg.remat != "none":
-            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots" else None
-            block_fn = jax.checkpoint(block_fn, policy=policy)
+            block_fn = jax.checkpoint(block_fn, policy=_remat_policy(cfg))
         layers = self.layers.arrays(dtype)
         if cfg.scan_layers:
             x_BTD, _ = jax.lax.scan(lambda x, p: (block_fn(x, p), None), x_BTD, layers)
@@ -112,26 +121,66 @@ class Transformer(nnx.Module):
                 x_BTD = block_fn(x_BTD, {k: v[i] for k, v in layers.items()})
 
         bias = self.final_norm_bias[...] if cfg.flavour == "gpt2" else None
-        h_BTD = _norm(cfg, x_BTD, self.final_norm_scale[...], bias)
-        if cfg.tied:
-            logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, embed_VD)
-        else:
-            logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.head[...].astype(dtype))
-        logits_BTV = constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
-        real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
-        return jnp.where(real_V, logits_BTV, jnp.finfo(dtype).min)
+        return _norm(cfg, x_BTD, self.final_norm_scale[...], bias)
+
+    def head_DV(self) -> jax.Array:
+        """The output projection in the compute dtype: the embedding table itself when tied."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        return (self.embed[...].T if self.cfg.tied else self.head[...]).astype(dtype)
+
+
+def logits(cfg: config.Model, h_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    logits_BTV = constrain(jnp.einsum("btd,dv->btv", h_BTD, head_DV), ("act_batch", "act_seq", "act_vocab"))
+    real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+    return jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
 
 
 def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy (fp32) over unmasked targets, and their count.
 
-    Sums rather than means, so micro-batches and eval batches add up exactly.
+    Sums rather than means, so micro-batches and eval batches add up exactly. With
+    `model.loss_chunk`, logits exist for that many positions at a time, forward and backward
+    (each chunk is rematerialised), never as fp32 `[B, T, V]` for the whole batch.
     """
-    logits_BTV = model(batch["inputs"], batch["segment_ids"], batch["positions"]).astype(jnp.float32)
-    logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-    mask_BT = batch["loss_mask"]
-    return ((logz_BT - target_BT) * mask_BT).sum(), mask_BT.sum()
+    cfg = model.cfg
+    h_BTD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+    head_DV, targets_BT, mask_BT = model.head_DV(), batch["targets"], batch["loss_mask"]
+    if not cfg.loss_chunk:
+        return _chunk_loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum()
+    B, T, D = h_BTD.shape
+    C = T // cfg.loss_chunk
+
+    def chunks(x):  # [B, T, ...] -> [C, B, T/C, ...]: the batch axis keeps its sharding
+        return jnp.moveaxis(x.reshape(B, C, cfg.loss_chunk, *x.shape[2:]), 1, 0)
+
+    chunk_loss = jax.checkpoint(functools.partial(_chunk_loss_sum, cfg, head_DV))
+
+    def add_chunk(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        return total + chunk_loss(*chunk), None
+
+    total, _ = jax.lax.scan(
+        add_chunk, jnp.zeros((), jnp.float32), (chunks(h_BTD), chunks(targets_BT), chunks(mask_BT))
+    )
+    return total, mask_BT.sum()
+
+
+def _chunk_loss_sum(
+    cfg: config.Model, head_DV: jax.Array, h_BtD: jax.Array, targets_Bt: jax.Array, mask_Bt: jax.Array
+) -> jax.Array:
+    logits_BtV = logits(cfg, h_BtD, head_DV).astype(jnp.float32)
+    logz_Bt = jax.nn.logsumexp(logits_BtV, axis=-1)
+    target_Bt = jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
+    return ((logz_Bt - target_Bt) * mask_Bt).sum()
+
+
+def _remat_policy(cfg: config.Model):
+    """none/full: save nothing inside a block; dots: save matmul outputs; named: save the
+    activations `model.remat_names` tags (REMAT_NAMES: q/k/v, attention output, MLP hidden)."""
+    if cfg.remat == "dots":
+        return jax.checkpoint_policies.dots_saveable
+    if cfg.remat == "named":
+        return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
+    return None
 
 
 def _block(
@@ -152,22 +201,24 @@ def _block(
     else:
         q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
         k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
-    q_BTHE = constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None))
-    k_BTKE = constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None))
-    v_BTKE = constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None))
+    q_BTHE = checkpoint_name(constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None)), "qkv")
+    k_BTKE = checkpoint_name(constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
+    v_BTKE = checkpoint_name(constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
     o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, implementation=cfg.attention)
+    o_BTHE = checkpoint_name(o_BTHE, "attn_out")
     attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)
 
     h_BTD = _norm(cfg, x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
     if gpt2:
         u_BTF = jax.nn.gelu(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]) + p["b_in"])
-        u_BTF = constrain(u_BTF, ("act_batch", "act_seq", "act_mlp"))
+        u_BTF = checkpoint_name(constrain(u_BTF, ("act_batch", "act_seq", "act_mlp")), "mlp_hidden")
         mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]) + p["b_out"]
     else:
         gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"])
         up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"])
         u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
+        u_BTF = checkpoint_name(u_BTF, "mlp_hidden")
         mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
     return constrain(x_BTD + mlp_BTD, _ACT_BTD)
 

@@ -49,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     """Train `exp` in `workdir`; returns the last logged metrics and held-out results."""
     # jax and the model stack load only now, after the config has been checked.
+    if exp.train.xla_flags:
+        from lmjax import xla_flags
+
+        xla_flags.apply(log=lambda m: print(m, file=sys.stderr))
     import jax
 
     from lmjax import flops, optim, sharding, step
     from lmjax.data import cache, loader
     from lmjax.evaluate import HeldOut
-    from lmjax.metrics import Logger, Throughput
+    from lmjax.metrics import Logger, StepTrace, Throughput
 
     workdir = workdir.absolute()
     if (workdir / "metrics.jsonl").exists():
@@ -81,13 +85,16 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         batch_sh = step.batch_sharding(mesh)
-        train_batches = loader.TrainBatches(
-            corpus.splits("train"),
-            corpus.weights,
-            m.seq_len,
-            t.batch_size,
-            t.seed,
-            rows=sharding.host_rows(batch_sh, t.batch_size),
+        train_batches = loader.DevicePrefetch(  # the next batch goes to the devices during a step
+            loader.TrainBatches(
+                corpus.splits("train"),
+                corpus.weights,
+                m.seq_len,
+                t.batch_size,
+                t.seed,
+                rows=sharding.host_rows(batch_sh, t.batch_size),
+            ),
+            lambda batch: step.put_batch(batch, batch_sh, t.batch_size),
         )
         held_out = HeldOut(
             loader.eval_batches(
@@ -116,9 +123,12 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
                 last.update(record)
 
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
+        trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
         for s in range(t.steps):
             done = s + 1
-            state, metrics = train_step(state, step.put_batch(next(train_batches), batch_sh, t.batch_size))
+            trace.before(done)
+            state, metrics = train_step(state, next(train_batches))
+            trace.after(done, metrics)
             if pending:
                 report(*pending)
             pending = (done, metrics)

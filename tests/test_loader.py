@@ -86,6 +86,19 @@ def test_resume_from_saved_state_continues_exactly(stdlib_corpus):
     np.testing.assert_array_equal(resumed[2]["inputs"], expected[2])  # random access agrees
 
 
+def test_device_prefetch_reports_the_state_of_the_batch_it_returns_next(stdlib_corpus):
+    placed = []
+    prefetch = loader.DevicePrefetch(_batches(stdlib_corpus), lambda b: placed.append(1) or b["inputs"])
+    assert len(placed) == 1  # one batch is ahead before the first step
+    for _ in range(3):
+        next(prefetch)
+    assert len(placed) == 4
+    state = prefetch.get_state()
+    resumed = _batches(stdlib_corpus)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["inputs"], next(prefetch))
+
+
 @pytest.mark.parametrize("hosts", [2, 4])
 @pytest.mark.parametrize("placement", ["blocks", "interleaved"])
 @pytest.mark.parametrize("mesh_axes", [(8, 1, 1), (2, 4, 1), (4, 1, 2)])

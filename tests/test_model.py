@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import synthetic_batch, tiny_experiment
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
 
 from lmjax import flops, model
 
@@ -96,10 +97,53 @@ def test_scan_remat_and_unrolled_agree(flavour):
         return jax.value_and_grad(f)(params)
 
     want_loss, want_grads = loss_and_grads(base.cfg)
-    for changes in [{"scan_layers": True}, {"remat": "full"}, {"remat": "dots", "scan_layers": True}]:
+    for changes in [
+        {"scan_layers": True},
+        {"remat": "full"},
+        {"remat": "dots", "scan_layers": True},
+        {"remat": "named"},
+        {"remat": "named", "remat_names": ("qkv", "mlp_hidden"), "scan_layers": True},
+        {"loss_chunk": 8},
+        {"loss_chunk": 16, "remat": "full", "scan_layers": True},
+    ]:
         loss, grads = loss_and_grads(dataclasses.replace(base.cfg, **changes))
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want_grads)
+
+
+def test_remat_policies_change_what_is_saved():
+    """The policies are not all the same program: the saved residuals differ as intended."""
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(2, 32, 256).items()}
+    base = _model("llama")
+    _, params = nnx.split(base)
+
+    def saved(**changes):
+        gd = nnx.split(model.Transformer(dataclasses.replace(base.cfg, **changes), rngs=nnx.Rngs(0)))[0]
+        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        residuals = saved_residuals(f, params)
+        return sum(int(np.prod(shape.shape)) for shape, _ in residuals)
+
+    none, full = saved(), saved(remat="full")
+    named_attn = saved(remat="named")
+    named_all = saved(remat="named", remat_names=("qkv", "attn_out", "mlp_hidden"))
+    assert full < named_attn < named_all <= none
+
+
+def test_chunked_loss_never_builds_whole_batch_logits():
+    """With loss_chunk, no fp32 [B, T, V] array is saved for the backward pass."""
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(2, 32, 256).items()}
+    base = _model("gpt2")
+    _, params = nnx.split(base)
+    B, T, V = 2, 32, base.cfg.padded_vocab
+
+    def saved_shapes(**changes):
+        gd = nnx.split(model.Transformer(dataclasses.replace(base.cfg, **changes), rngs=nnx.Rngs(0)))[0]
+        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        return [tuple(shape.shape) for shape, _ in saved_residuals(f, params)]
+
+    assert (B, T, V) in saved_shapes()
+    chunked = saved_shapes(loss_chunk=8)
+    assert not any(len(s) >= 3 and s[-1] == V and s[-2] * s[-3] > 8 * B for s in chunked), chunked
 
 
 def test_rope_depends_only_on_relative_position():

@@ -129,6 +129,12 @@ def test_no_mfu_without_a_known_peak(tmp_path):
     assert not any("mfu" in r for r in lines)
 
 
+def test_profile_steps_write_a_trace(tmp_path):
+    assert main(_tiny_argv(tmp_path, "train.steps=3", "train.profile_steps=[2,3]")) == 0
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
 def test_a_single_step_run_logs_its_step(tmp_path):
     assert main(_tiny_argv(tmp_path, "train.steps=1")) == 0
     assert [sorted(r) for r in _metrics(tmp_path)] == [

@@ -15,7 +15,8 @@ the step it reaches next, so a resumed run sees exactly the batches it would hav
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,30 @@ class TrainBatches:
 
     def set_state(self, state: dict) -> None:
         self._iterator.set_state(state)
+
+
+class DevicePrefetch:
+    """Keeps the next batch already on the devices (`put` places it) while a step runs.
+
+    `get_state` is the loader's state for the batch `next` returns next, not for the one
+    fetched ahead, so a checkpoint taken between steps resumes at the right batch."""
+
+    def __init__(self, batches: TrainBatches, put: Callable[[Batch], Any]):
+        self._batches, self._put = batches, put
+        self._state = batches.get_state()
+        self._ahead = put(next(batches))
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batch = self._ahead
+        self._state = self._batches.get_state()
+        self._ahead = self._put(next(self._batches))
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state
 
 
 def eval_batches(
