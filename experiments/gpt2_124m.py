@@ -2,9 +2,9 @@
 
 What for: the size nanoGPT and nanodo are measured at (batch 16, seq 1024, bf16); the base
 that bigger GPT-2 experiments and real-data runs change a few fields of.
-Data: the stdlib corpus with a 32768-piece BPE tokenizer (~3.5M training tokens), so the
-model has 111M parameters here; point `data.source=files data.path=...` at a real corpus for
-a real run, and the whole 2000 steps (33M tokens) see ~10 epochs of stdlib.
+Data: the stdlib corpus with a 32768-piece BPE tokenizer (~3.1M training tokens), so the
+model has 111M parameters here, and the whole 2000 steps (33M tokens) see ~10 epochs of
+stdlib; point `data.source=parquet data.path=...` (or jsonl) at a real corpus for a real run.
 How long: estimated ~70 s of training on one H100/H200 if it runs at nanoGPT's 0.5M
 tokens/s (33M tokens; not yet measured, see the README speed table), plus compile; not for CPUs.
 Expect: training loss well under 1.0 by the end (it memorises stdlib); held-out bits per

@@ -4,7 +4,8 @@ What for: the LLaMA flavour at a size where one H100/H200 is well used (the spee
 third yardstick), and the base for fine-tuning-sized runs.
 Shape: d_model 2048, 16 layers, 32 query heads and 8 kv heads of 64, d_ff 8192, seq 2048,
 untied head; with the 32768-piece stdlib tokenizer that is ~1.1B parameters.
-Data: the stdlib corpus (32768-piece BPE); use `data.source=files` for a real corpus.
+Data: the stdlib corpus (32768-piece BPE); use `data.source=parquet` (or jsonl, files, tfds)
+for a real corpus.
 How long: 1000 steps of 8 x 2048 tokens (16M tokens); estimated ~5 minutes on one H200 at
 55% of its measured bf16 ceiling (~60k tokens/s; not yet measured). Weights and Adam state
 take ~18 GB in fp32, so not for CPUs.
