@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -86,3 +86,15 @@ def host_rows(
     for d in devices:
         rows.update(range(*index_map[d][0].indices(batch_size)))
     return np.array(sorted(rows), np.int64)
+
+
+def per_shard(
+    fn: Callable, in_names: Sequence[Sequence[str | None]], out_names: Sequence[str | None]
+) -> Callable:
+    """`fn` run on each device's shard (shard_map) under the current mesh and rules. For kernels
+    XLA cannot partition (Pallas calls): left to XLA, they would run on gathered arrays."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    in_specs = tuple(spec(names) for names in in_names)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=spec(out_names), check_vma=False)

@@ -55,6 +55,13 @@ def test_meshes_equal_one_device(single_device_llama, shape):
     _assert_same((metrics, params), single_device_llama)
 
 
+def test_pallas_attention_on_2x2x2_equals_xla_on_one_device(single_device_llama):
+    """The Pallas kernel (interpret mode here) runs per shard inside the sharded train step."""
+    exp = _mesh(tiny_experiment("llama", "model.attention=pallas"), (2, 2, 2))
+    metrics, params, _ = _one_step(exp)
+    _assert_same((metrics, params), single_device_llama)
+
+
 def test_gpt2_on_2x2x2_equals_one_device():
     exp = tiny_experiment("gpt2")
     one = _one_step(exp, jax.devices()[:1])[:2]
