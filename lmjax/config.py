@@ -190,6 +190,7 @@ def load_experiment(name_or_path: str) -> Experiment:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
+        _experiments_package()
         try:
             module = importlib.import_module(f"lmjax.experiments.{name_or_path}")
         except ModuleNotFoundError as e:
@@ -207,7 +208,28 @@ def load_experiment(name_or_path: str) -> Experiment:
     return exp
 
 
+def _experiments_package() -> None:
+    """`lmjax.experiments` is the repository's experiments/ folder once lmjax is installed; in a
+    bare checkout on PYTHONPATH (the GPU image) map it here, so experiments load, and import
+    each other, all the same."""
+    if importlib.util.find_spec("lmjax.experiments") is not None:
+        return
+    import sys
+
+    import lmjax
+
+    folder = Path(lmjax.__file__).resolve().parent.parent / "experiments"
+    spec = importlib.util.spec_from_file_location(
+        "lmjax.experiments", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lmjax.experiments"] = module
+    spec.loader.exec_module(module)
+    lmjax.experiments = module
+
+
 def list_experiments() -> list[str]:
+    _experiments_package()
     import lmjax.experiments
 
     folder = Path(lmjax.experiments.__file__).parent

@@ -143,7 +143,8 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     (each chunk is rematerialised), never as fp32 `[B, T, V]` for the whole batch.
     """
     cfg = model.cfg
-    h_BTD = model.hidden(batch["inputs"], batch["segment_ids"], batch["positions"])
+    # A batch without segment ids is plain causal (one document per row): the fast kernels differ.
+    h_BTD = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
     head_DV, targets_BT, mask_BT = model.head_DV(), batch["targets"], batch["loss_mask"]
     if not cfg.loss_chunk:
         return _chunk_loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum()

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,18 @@ def test_tensor_axis_must_divide_the_padded_vocabulary():
     with pytest.raises(UserError, match="mesh.tensor=3 does not divide the padded vocabulary 256"):
         config.mesh_shape(exp, 6)  # e.g. a box of 6 GPUs
     assert config.mesh_shape(config.apply_overrides(exp, ["model.vocab_size=300"]), 6) == (2, 1, 3)
+
+
+def test_experiments_load_from_a_bare_checkout(tmp_path):
+    """On PYTHONPATH without an install (the GPU image), experiments load and import each other."""
+    repo = Path(__file__).resolve().parent.parent
+    code = (
+        "from lmjax import config; print(config.load_experiment('gpt2_774m').name, config.list_experiments())"
+    )
+    isolated = {"PATH": os.environ["PATH"], "PYTHONPATH": str(repo)}
+    # -S: no site-packages, so not the editable install either; config needs no third-party code.
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], env=isolated, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("gpt2_774m [") and "'stdlib_tiny'" in out.stdout

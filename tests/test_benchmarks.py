@@ -1,0 +1,154 @@
+"""benchmarks/gpu.sh --cpu end to end (the GPU run's rehearsal) and benchmarks/throughput.py."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmjax import config, flops
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    *("--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.n_heads=4"),
+    *("--set", "model.d_ff=128", "--set", "model.n_kv_heads=2"),
+    *("--set", "model.seq_len=64", "--set", "train.batch_size=8", "--set", "model.vocab_size=512"),
+    *("--set", "model.dtype=float32", "--steps", "2", "--warmup", "1", "--ceiling-size", "256"),
+]
+RUNS = ("gpt2_124m-cpu1", "gpt2_124m-cpu1-packed", "gpt2_774m-cpu1", "llama_1b-cpu1")
+DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
+
+
+def _throughput_module():
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _throughput_module()
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory) -> Path:
+    """OUT of one `bash benchmarks/gpu.sh --cpu` (tiny models; the compilation cache is shared)."""
+    out = tmp_path_factory.mktemp("gpu-run")
+    env = os.environ | {"OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def test_every_stage_ran_and_passed(rehearsal):
+    stages = [json.loads(line) for line in (rehearsal / "stages.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in stages] == [
+        "pytest-gpu",
+        "ceiling",
+        "gpt2_124m",
+        "gpt2_124m-packed",
+        "gpt2_774m",
+        "llama_1b",
+    ]
+    logs = {s["stage"]: (rehearsal / f"{s['stage']}.log").read_text()[-2000:] for s in stages}
+    failed = {s["stage"]: logs[s["stage"]] for s in stages if not s["ok"]}
+    assert not failed, failed
+    assert (rehearsal / "pytest-gpu.xml").exists()
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_throughput_record(rehearsal, run):
+    r = json.loads((rehearsal / f"throughput-{run}.json").read_text())
+    model = config.from_dict(r["config"]).model
+    assert r["device"]["platform"] == "cpu" and r["device"]["count"] == 1
+    assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(r["versions"])
+    assert r["batch"] == ("packed" if run.endswith("packed") else "plain")
+    assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile_s"] > 0
+    assert r["tokens_per_step"] == model.seq_len * r["config"]["train"]["batch_size"]
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1000), rel=1e-9)
+    assert r["flops_per_token"] == flops.flops_per_token(model)
+    assert r["mfu"] is None and r["peak_tflops"] is None  # no datasheet peak for a CPU
+    measured = r["tokens_per_s"] * r["flops_per_token"] / (r["ceiling_tflops"] * 1e12 * r["device"]["count"])
+    assert r["mfu_vs_measured"] == pytest.approx(measured, rel=1e-9)
+    assert r["ceiling_size"] == 1024 and r["ceiling_dtype"] == model.dtype == "float32"
+    assert any(v > 0 for v in r["memory_analysis"].values())
+    assert r["params"] > r["params_matmul"] > 0 and r["attention_impl"] == "xla"
+    assert model.vocab_size == 512 and r["vocab_source"] == "--set"
+    # Random tokens over the vocabulary: a freshly initialised model's loss is about ln(V).
+    assert abs(r["final_loss"] - math.log(model.vocab_size)) < 0.5
+
+
+def test_packed_run_measures_the_same_model(rehearsal):
+    plain, packed = (json.loads((rehearsal / f"throughput-{r}.json").read_text()) for r in RUNS[:2])
+    assert plain["config"] == packed["config"]
+    assert (plain["batch"], packed["batch"]) == ("plain", "packed")
+
+
+def test_ceiling_only_record(rehearsal):
+    r = json.loads((rehearsal / "matmul_ceiling-cpu1.json").read_text())
+    assert r["experiment"] is None and "tokens_per_s" not in r
+    assert r["ceiling_tflops"] > 0 and (r["ceiling_size"], r["ceiling_dtype"]) == (1024, "bfloat16")
+
+
+def test_no_data_pipeline_imported(tmp_path):
+    """The GPU image has no grain, TFDS or array_record: the benchmark path must not need them."""
+    code = (
+        "import json, sys, runpy\n"
+        f"sys.argv = ['throughput.py', '--experiment', 'gpt2_124m', '--out', {str(tmp_path)!r}, *{TINY!r}]\n"
+        "try:\n    runpy.run_path('benchmarks/throughput.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    imported = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "jax" in imported and not imported & DATA_MODULES
+    assert (tmp_path / "throughput-gpt2_124m-cpu1.json").exists()
+
+
+def test_sharded_mesh_in_process(tmp_path):
+    """8 emulated devices (conftest) as data 2 x fsdp 4."""
+    mesh = ["--set", "mesh.data=2", "--set", "mesh.fsdp=4"]
+    assert throughput.main(["--experiment", "llama_1b", "--out", str(tmp_path), *TINY, *mesh]) == 0
+    r = json.loads((tmp_path / "throughput-llama_1b-cpu8.json").read_text())
+    assert r["device"]["count"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert r["tokens_per_s"] > 0 and r["ceiling_size"] == 256
+    measured = r["tokens_per_s"] * r["flops_per_token"] / (r["ceiling_tflops"] * 1e12 * 8)
+    assert r["mfu_vs_measured"] == pytest.approx(measured, rel=1e-9)
+    assert abs(r["final_loss"] - math.log(512)) < 0.5
+
+
+def test_bad_setting_exits_2(capsys):
+    assert throughput.main(["--experiment", "gpt2_124m", "--set", "model.nope=1"]) == 2
+    assert "unknown config key 'model.nope'" in capsys.readouterr().err
+
+
+def test_default_vocab_when_the_experiment_takes_the_tokenizers():
+    args = throughput.parse_args(["--experiment", "llama_1b"])
+    exp, source = throughput.resolve(args)
+    assert exp.model.vocab_size == 32768 and source.startswith("default for llama")
+    exp, _ = throughput.resolve(throughput.parse_args(["--experiment", "gpt2_124m"]))
+    assert exp.model.vocab_size == 50304
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_random_batch_layout(packed):
+    b = throughput.random_batch(np.random.default_rng(0), 16, 128, 300, packed)
+    assert all(v.shape == (16, 128) for v in b.values())
+    assert b["inputs"].max() < 300 and np.array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    if not packed:  # plain causal: no segment ids, so attention takes its unsegmented path
+        assert set(b) == {"inputs", "targets", "loss_mask"} and (b["loss_mask"] == 1).all()
+        return
+    seg, pos, mask = b["segment_ids"], b["positions"], b["loss_mask"]
+    starts = np.concatenate([np.ones((16, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    assert np.array_equal(pos == 0, starts)  # positions restart exactly where a document starts
+    assert np.all(np.diff(seg, axis=1) >= 0) and np.all(seg[:, 0] == 1)
+    assert np.array_equal(mask[:, :-1], (seg[:, 1:] == seg[:, :-1]).astype(np.float32))
+    assert seg.max() > 1 and mask.min() == 0
