@@ -38,8 +38,9 @@ class Model:
     param_dtype: str = "float32"  # master weights and optimizer state
     scan_layers: bool = False  # lax.scan over layers: faster compile, slower step on GPU
     remat: str = "none"  # none | full | dots (save matmul outputs) | named (save remat_names)
-    remat_names: tuple[str, ...] = ("attn_out",)  # remat=named: activations kept (model.REMAT_NAMES)
+    remat_names: tuple[str, ...] = ("qkv", "mlp_in")  # remat=named: what is kept (REMAT_NAMES below)
     attention: str = "auto"  # auto | one of attention.IMPLEMENTATIONS (see attention.py)
+    max_segments: int = 0  # documents per row the cuDNN packed kernel is sized for; 0: from the data
     loss_chunk: int = 0  # >0: cross-entropy over this many positions at a time (seq_len % it == 0)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -383,8 +384,8 @@ def validate(exp: Experiment) -> None:
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
     _require(
         t.profile_steps == ()
-        or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
-        f"train.profile_steps={list(t.profile_steps)}: give [first, last] steps (from 1), or []",
+        or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps),
+        f"train.profile_steps={list(t.profile_steps)}: give [first, last] steps within 1..train.steps, or []",
     )
     _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _validate_sources(d)
@@ -482,7 +483,9 @@ _DTYPES = {"float32", "bfloat16", "float16"}
 # Kept here, not imported, so the config is checked before jax is: attention.py and model.py
 # test that they agree.
 ATTENTION = ("auto", "xla", "cudnn", "cudnn_packed", "pallas", "splash", "reference")
-REMAT_NAMES = ("qkv", "attn_out", "mlp_hidden")
+# Activations remat=named can keep (model.py tags them): the q/k/v projections, the attention
+# kernel's output, and the MLP's input projections before the activation (gate and up for llama).
+REMAT_NAMES = ("qkv", "attn_out", "mlp_in")
 _POSITIVE = (
     "model.d_model",
     "model.n_layers",
@@ -504,6 +507,7 @@ _NON_NEGATIVE = (
     "model.n_kv_heads",
     "model.d_ff",
     "model.loss_chunk",
+    "model.max_segments",
     "optim.warmup_steps",
     "optim.weight_decay",
     "optim.clip_norm",

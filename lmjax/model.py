@@ -13,6 +13,7 @@ L layers.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -123,10 +124,11 @@ class Transformer(nnx.Module):
         bias = self.final_norm_bias[...] if cfg.flavour == "gpt2" else None
         return _norm(cfg, x_BTD, self.final_norm_scale[...], bias)
 
-    def head_DV(self) -> jax.Array:
-        """The output projection in the compute dtype: the embedding table itself when tied."""
-        dtype = jnp.dtype(self.cfg.dtype)
-        return (self.embed[...].T if self.cfg.tied else self.head[...]).astype(dtype)
+    def head_DV(self, dtype: str | None = None) -> jax.Array:
+        """The output projection (the embedding table itself when tied), in `dtype` (default:
+        the compute dtype)."""
+        head_DV = self.embed[...].T if self.cfg.tied else self.head[...]
+        return head_DV.astype(jnp.dtype(dtype or self.cfg.dtype))
 
 
 def logits(cfg: config.Model, h_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
@@ -145,16 +147,17 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     cfg = model.cfg
     # A batch without segment ids is plain causal (one document per row): the fast kernels differ.
     h_BTD = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
-    head_DV, targets_BT, mask_BT = model.head_DV(), batch["targets"], batch["loss_mask"]
+    # The head in its stored precision, cast per use: chunks then add their gradients in fp32.
+    head_DV, targets_BT, mask_BT = model.head_DV(cfg.param_dtype), batch["targets"], batch["loss_mask"]
     if not cfg.loss_chunk:
-        return _chunk_loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum()
+        return _loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum()
     B, T, D = h_BTD.shape
     C = T // cfg.loss_chunk
 
     def chunks(x):  # [B, T, ...] -> [C, B, T/C, ...]: the batch axis keeps its sharding
         return jnp.moveaxis(x.reshape(B, C, cfg.loss_chunk, *x.shape[2:]), 1, 0)
 
-    chunk_loss = jax.checkpoint(functools.partial(_chunk_loss_sum, cfg, head_DV))
+    chunk_loss = jax.checkpoint(functools.partial(_loss_sum, cfg, head_DV))
 
     def add_chunk(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total + chunk_loss(*chunk), None
@@ -165,18 +168,19 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     return total, mask_BT.sum()
 
 
-def _chunk_loss_sum(
+def _loss_sum(
     cfg: config.Model, head_DV: jax.Array, h_BtD: jax.Array, targets_Bt: jax.Array, mask_Bt: jax.Array
 ) -> jax.Array:
-    logits_BtV = logits(cfg, h_BtD, head_DV).astype(jnp.float32)
+    """Summed cross-entropy of the positions given (all of them, or one chunk)."""
+    logits_BtV = logits(cfg, h_BtD, head_DV.astype(h_BtD.dtype)).astype(jnp.float32)
     logz_Bt = jax.nn.logsumexp(logits_BtV, axis=-1)
     target_Bt = jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
     return ((logz_Bt - target_Bt) * mask_Bt).sum()
 
 
-def _remat_policy(cfg: config.Model):
+def _remat_policy(cfg: config.Model) -> Callable | None:
     """none/full: save nothing inside a block; dots: save matmul outputs; named: save the
-    activations `model.remat_names` tags (REMAT_NAMES: q/k/v, attention output, MLP hidden)."""
+    activations `model.remat_names` lists (config.REMAT_NAMES, tagged in `_block`)."""
     if cfg.remat == "dots":
         return jax.checkpoint_policies.dots_saveable
     if cfg.remat == "named":
@@ -205,21 +209,22 @@ def _block(
     q_BTHE = checkpoint_name(constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None)), "qkv")
     k_BTKE = checkpoint_name(constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
     v_BTKE = checkpoint_name(constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
-    o_BTHE = attention(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, implementation=cfg.attention)
+    o_BTHE = attention(
+        q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, implementation=cfg.attention, max_segments=cfg.max_segments
+    )
     o_BTHE = checkpoint_name(o_BTHE, "attn_out")
     attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)
 
     h_BTD = _norm(cfg, x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
     if gpt2:
-        u_BTF = jax.nn.gelu(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]) + p["b_in"])
-        u_BTF = checkpoint_name(constrain(u_BTF, ("act_batch", "act_seq", "act_mlp")), "mlp_hidden")
+        pre_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]) + p["b_in"], "mlp_in")
+        u_BTF = constrain(jax.nn.gelu(pre_BTF), ("act_batch", "act_seq", "act_mlp"))
         mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]) + p["b_out"]
     else:
-        gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_gate"])
-        up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["w_up"])
+        gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_gate"]), "mlp_in")
+        up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_up"]), "mlp_in")
         u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
-        u_BTF = checkpoint_name(u_BTF, "mlp_hidden")
         mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
     return constrain(x_BTD + mlp_BTD, _ACT_BTD)
 
