@@ -5,6 +5,7 @@ splash needs T % 128 == 0. The `gpu` tests run only where jax's default backend 
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from lmjax import attention as attn
-from lmjax import config
+from lmjax import attention_check, config
+from lmjax import attention_kernels as kernels
 from lmjax.attention import attention, reference
 from lmjax.data import cache, loader
 
@@ -139,19 +141,21 @@ def test_packed_seqlens_offsets_by_hand():
         ],
         jnp.int32,
     )
-    assert attn.max_packed_segments(8) == 4
-    seqlen, offsets = attn.packed_seqlens_offsets(segments, 4)
+    assert kernels.max_packed_segments(8) == 4
+    seqlen, offsets = kernels.packed_seqlens_offsets(segments, 4)
     assert seqlen.dtype == offsets.dtype == jnp.int32
     np.testing.assert_array_equal(seqlen, [[3, 4, 1, -1], [8, -1, -1, -1], [1, 3, 3, 1], [2, 4, 2, -1]])
     np.testing.assert_array_equal(
         offsets, [[0, 3, 7, -1, -1], [0, -1, -1, -1, -1], [0, 1, 4, 7, -1], [0, 2, 6, -1, -1]]
     )
-    np.testing.assert_array_equal(attn.segment_counts(segments), [3, 1, 4, 3])
+    np.testing.assert_array_equal(kernels.segment_counts(segments), [3, 1, 4, 3])
 
 
 def test_packed_seqlens_offsets_more_slots_than_tokens():
     """T=1: one segment, and M + 1 offset columns although there is only one token."""
-    seqlen, offsets = attn.packed_seqlens_offsets(jnp.array([[3]], jnp.int32), attn.max_packed_segments(1))
+    seqlen, offsets = kernels.packed_seqlens_offsets(
+        jnp.array([[3]], jnp.int32), kernels.max_packed_segments(1)
+    )
     np.testing.assert_array_equal(seqlen, [[1]])
     np.testing.assert_array_equal(offsets, [[0, -1]])
 
@@ -166,8 +170,8 @@ def test_max_packed_segments_bounds_the_packer(seq_len):
     split = cache.Split(np.full(n_docs * doc_tokens, 7, np.uint16), starts)
     window_starts = np.arange(doc_tokens * 4)  # every phase of the windows against the documents
     segments = loader.windows(split, window_starts, seq_len)["segment_ids"]
-    counts = np.asarray(attn.segment_counts(jnp.asarray(segments)))
-    assert counts.max() == attn.max_packed_segments(seq_len)
+    counts = np.asarray(kernels.segment_counts(jnp.asarray(segments)))
+    assert counts.max() == kernels.max_packed_segments(seq_len)
 
 
 # --- which implementation runs --------------------------------------------------------------
@@ -235,53 +239,22 @@ def test_kernels_refuse_the_other_accelerator(impl, backend, monkeypatch):
         attention(q, k, v, implementation=impl)
 
 
-# --- GPU kernels (bf16), skipped elsewhere --------------------------------------------------
-
-
-def _assert_close_bf16(got, want, what):
-    """bf16 tolerance, relative to the largest reference value."""
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
-    assert err < 2e-2, f"{what}: max error {err:.3g} of the largest value"
-
-
-def _check_gpu_against_reference(impl, segmented):
-    B, T, H, K, D = 2, 256, 4, 2, 64
-    q, k, v = _qkv(B=B, T=T, H=H, K=K, D=D, dtype=jnp.bfloat16)
-    rows = np.array([[1] * 1 + [2] * 100 + [3] * 3 + [4] * 152, [4] * 200 + [5] * 56], np.int32)
-    segments = jnp.asarray(rows) if segmented else None
-    o, grads = _fwd_and_grad(impl, q, k, v, segments)
-    # The yardstick sees the same bf16-rounded inputs, in fp32.
-    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, grads_ref = _fwd_and_grad("reference", *f32, segments)
-    assert o.dtype == jnp.bfloat16
-    _assert_close_bf16(o, o_ref, f"{impl} output")
-    for name, g, g_ref in zip("qkv", grads, grads_ref, strict=True):
-        _assert_close_bf16(g, g_ref, f"{impl} d/d{name}")
+# --- GPU kernels (bf16), skipped elsewhere: the same checks `python -m lmjax.attention_check` runs
 
 
 @pytest.mark.gpu
 @on_gpu
-def test_gpu_cudnn_equals_reference():
-    _check_gpu_against_reference("cudnn", segmented=False)
+@pytest.mark.parametrize(
+    "impl, packed", attention_check.kernels_here() if jax.default_backend() == "gpu" else []
+)
+def test_gpu_kernel_equals_reference(impl, packed):
+    result = attention_check.check(impl, packed, "bfloat16")
+    assert result["ok"], result
 
 
-@pytest.mark.gpu
-@on_gpu
-@pytest.mark.parametrize("segmented", [True, False])
-def test_gpu_pallas_equals_reference(segmented):
-    _check_gpu_against_reference("pallas", segmented)
-
-
-@pytest.mark.gpu
-@on_gpu
-def test_gpu_cudnn_packed_equals_reference():
-    if attn._cuda_capability() is None or attn._cuda_capability() < (9, 0):
-        pytest.skip("cuDNN's packed layout needs Hopper (compute capability 9.0) or newer")
-    _check_gpu_against_reference("cudnn_packed", segmented=True)
-
-
-@pytest.mark.gpu
-@on_gpu
-def test_gpu_auto_runs_and_keeps_segments():
-    _check_gpu_against_reference("auto", segmented=True)
+def test_the_check_command_passes_here_and_writes_json(tmp_path):
+    """On CPU: xla, and pallas and splash interpreted, all within fp32 tolerance of the reference."""
+    assert attention_check.main(["--out", str(tmp_path / "check.json")]) == 0
+    report = json.loads((tmp_path / "check.json").read_text())
+    assert report["ok"] and {r["implementation"] for r in report["results"]} >= {"xla", "pallas", "splash"}
+    assert all(max(r["errors"].values()) < 1e-4 for r in report["results"])
