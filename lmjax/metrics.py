@@ -61,22 +61,32 @@ class Throughput:
 
 class StepTrace:
     """A `jax.profiler` trace of steps first..last (1-based) into `folder`, for TensorBoard's
-    profile plugin or Perfetto; the last traced step is waited for so the trace holds it."""
+    profile plugin or Perfetto. The last traced step is waited for, so the trace holds it;
+    `stop` ends a trace an error interrupted."""
 
     def __init__(self, folder: Path, steps: tuple[int, ...], log: Callable[[str], None]):
         self.folder, self.log = folder, log
         self.first, self.last = steps if steps else (0, -1)
+        self._running = False
 
     def before(self, step: int) -> None:
         if step == self.first:
             import jax
 
             jax.profiler.start_trace(str(self.folder))
+            self._running = True
 
     def after(self, step: int, outputs: Any) -> None:
         if step == self.last:
             import jax
 
             jax.block_until_ready(outputs)
-            jax.profiler.stop_trace()
+            self.stop()
             self.log(f"profile of steps {self.first}-{self.last} in {self.folder}")
+
+    def stop(self) -> None:
+        if self._running:
+            import jax
+
+            jax.profiler.stop_trace()
+            self._running = False

@@ -66,6 +66,10 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
     corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
     exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
+    if exp.model.max_segments == 0:  # size the packed attention kernel to this data
+        splits = corpus.splits("train") + corpus.splits("validation")
+        most = loader.max_segments(splits, exp.model.seq_len)
+        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
@@ -124,23 +128,26 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
-        for s in range(t.steps):
-            done = s + 1
-            trace.before(done)
-            state, metrics = train_step(state, next(train_batches))
-            trace.after(done, metrics)
-            if pending:
-                report(*pending)
-            pending = (done, metrics)
-            log.advance()
-            evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-            if done == 1 or evaluate_now:
-                report(*pending)
-                pending = None
-            if evaluate_now:
-                last.update(held_out(state["params"]))
-                log.write({"step": done, "eval_loss": last["eval_loss"], "eval_bpb": last["eval_bpb"]})
-                throughput.restart(done * tokens_per_step)
+        try:
+            for s in range(t.steps):
+                done = s + 1
+                trace.before(done)
+                state, metrics = train_step(state, next(train_batches))
+                trace.after(done, metrics)
+                if pending:
+                    report(*pending)
+                pending = (done, metrics)
+                log.advance()
+                evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
+                if done == 1 or evaluate_now:
+                    report(*pending)
+                    pending = None
+                if evaluate_now:
+                    last.update(held_out(state["params"]))
+                    log.write({"step": done, "eval_loss": last["eval_loss"], "eval_bpb": last["eval_bpb"]})
+                    throughput.restart(done * tokens_per_step)
+        finally:
+            trace.stop()  # a trace an error cut short
         log.close()
     print(
         f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "

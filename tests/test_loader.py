@@ -50,6 +50,18 @@ def test_packing_covers_the_split_and_never_mixes_documents(stdlib_corpus):
     )
 
 
+def test_max_segments_is_the_most_documents_in_a_window(stdlib_corpus):
+    split = _split([5, 3, 10, 7, 2, 2, 2, 9])  # starts 0 5 8 18 25 27 29 31; windows of 8
+    w = loader.windows(split, np.arange(loader.num_windows(split, 8)) * 8, 8)
+    assert loader.max_segments([split], 8) == w["segment_ids"].max() == 5  # window 3: 24..31
+    splits = stdlib_corpus.splits("train") + stdlib_corpus.splits("validation")
+    T = 64
+    most = max(
+        loader.windows(s, np.arange(loader.num_windows(s, T)) * T, T)["segment_ids"].max() for s in splits
+    )
+    assert loader.max_segments(splits, T) == most
+
+
 def _batches(corpus, seed=0, rows=None, batch=8, seq=32):
     return loader.TrainBatches(corpus.splits("train"), corpus.weights, seq, batch, seed, rows=rows)
 

@@ -90,6 +90,7 @@ def test_resolved_config_and_tokenizer_are_saved(run):
     saved = config.from_dict(json.loads((workdir / "config.json").read_text()))
     assert saved.model.vocab_size == TINY_DATA.vocab_size  # filled in from the tokenizer
     assert saved.train.steps == STEPS and saved.mesh.fsdp == 2
+    assert saved.model.max_segments > 1  # the packed kernel sized to the windows of this data
     from lmjax.data.tokenizer import Tokenizer
 
     assert (
@@ -133,6 +134,18 @@ def test_profile_steps_write_a_trace(tmp_path):
     assert main(_tiny_argv(tmp_path, "train.steps=3", "train.profile_steps=[2,3]")) == 0
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
+def test_a_trace_cut_short_by_an_error_is_stopped(tmp_path):
+    import jax
+
+    from lmjax.metrics import StepTrace
+
+    trace = StepTrace(tmp_path / "a", (1, 3), log=lambda m: None)
+    trace.before(1)
+    trace.stop()  # what the loop's `finally` does when step 2 raises
+    jax.profiler.start_trace(str(tmp_path / "b"))  # would raise "already started" otherwise
+    jax.profiler.stop_trace()
 
 
 def test_a_single_step_run_logs_its_step(tmp_path):

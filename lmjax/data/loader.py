@@ -47,6 +47,18 @@ def num_windows(split: Split, seq_len: int) -> int:
     return (len(split) - 1) // seq_len
 
 
+def max_segments(splits: Sequence[Split], seq_len: int) -> int:
+    """The most documents any window of these splits holds (sizes the cuDNN packed kernel)."""
+    most = 1
+    for split in splits:
+        starts_W = np.arange(num_windows(split, seq_len)) * seq_len
+        begun_inside_W = np.searchsorted(split.starts, starts_W + seq_len) - np.searchsorted(
+            split.starts, starts_W, side="right"
+        )
+        most = max(most, int(begun_inside_W.max(initial=0)) + 1)
+    return most
+
+
 class _Materialize:
     """(corpus ids, window ids) of a global batch -> this host's rows, as token windows."""
 
