@@ -198,6 +198,7 @@ def test_auto_on_cpu_is_xla_and_keeps_segments():
         ("gpu", (9, 0), jnp.bfloat16, True, (2, 1024, 4, 160), "cudnn_packed"),  # Hopper: up to 256
         ("gpu", (8, 0), jnp.bfloat16, False, (2, 1024, 12, 12), "xla"),  # fits neither cuDNN nor Triton
         ("gpu", None, jnp.bfloat16, False, (2, 1024, 12, 64), "xla"),  # not CUDA (ROCm)
+        ("gpu", (7, 5), jnp.bfloat16, False, (2, 1024, 12, 64), "xla"),  # T4: no cuDNN/Triton flash
         ("gpu", (8, 0), jnp.bfloat16, True, (2, 1000, 12, 64), "xla"),  # T not a multiple of 16
         ("gpu", (9, 0), jnp.float32, True, (2, 1024, 12, 64), "xla"),
         ("gpu", (9, 0), jnp.float32, False, (2, 1024, 12, 64), "xla"),
@@ -209,6 +210,17 @@ def test_auto_on_cpu_is_xla_and_keeps_segments():
 )
 def test_auto_table(backend, capability, dtype, segmented, shape, want):
     assert attn.resolve("auto", shape, dtype, segmented, backend=backend, capability=capability) == want
+
+
+def test_grouped_query_packed_cudnn_only_where_jax_strides_it_right():
+    shape = (2, 1024, 12, 64)
+    want = "cudnn_packed" if kernels._cudnn_packed_strides_kv_heads() else "pallas"
+    assert (
+        attn.resolve("auto", shape, jnp.bfloat16, True, kv_heads=4, backend="gpu", capability=(9, 0)) == want
+    )
+    assert attn.resolve("auto", shape, jnp.bfloat16, True, kv_heads=12, backend="gpu", capability=(9, 0)) == (
+        "cudnn_packed"
+    )
 
 
 def test_explicit_choice_is_kept_and_unknown_refused():
