@@ -3,13 +3,16 @@
     python benchmarks/throughput.py --experiment gpt2_124m [--set key=value ...] [--steps N]
         [--warmup N] [--packed] [--tag T] [--out DIR] [--ceiling-size N] [--ceiling-dtype D]
     python benchmarks/throughput.py --ceiling-only [--ceiling-size N] [--out DIR]
+    python benchmarks/throughput.py --env BACKEND    # describe jax's devices; exit 1 unless BACKEND
 
 The model, optimizer state, mesh and jitted step are built exactly as `lmjax.train` builds them;
 only the batches differ: random tokens made here (no tokenizer, no data pipeline, so nothing of
 grain, array_record, TFDS or sentencepiece is imported). Plain causal batches by default (one
 document per row); `--packed` gives rows of several documents of random lengths (segment ids,
-positions restarting), so the packed attention path is measured too. A few batches are put on
-the devices before timing and reused in turn.
+positions restarting), so the packed attention path is measured too, with `model.max_segments`
+(the cuDNN packed kernel's bound on documents per row) set to the most any generated row holds
+unless `--set` gives it. A few batches are put on the devices before timing and reused in turn,
+so the timing is of the device step only (no host-to-device transfer).
 
 Measured: lower + compile time of the step (apart from running it); tokens/s over `--steps`
 steps after `--warmup` steps, waiting for the devices only at the end of the timed window; MFU
@@ -17,7 +20,12 @@ against the datasheet peak (null where unknown, e.g. CPU) and against a size³ m
 in this process at the model's compute dtype (8192³ on accelerators, 1024³ on CPU); the
 devices' peak memory where they report it; XLA's memory analysis of the compiled step. Model
 FLOPs per token are `lmjax.flops.flops_per_token` (6N + 12·L·d·T). The record goes to
-`OUT/throughput-<experiment>-<platform><devices>[-packed][-tag].json`.
+`OUT/throughput-<experiment>-<platform><devices>[-packed][-tag].json`: first a partial one
+(`"complete": false`: config, lower/compile time, memory and cost analysis) as soon as the step
+has compiled, so a step that runs out of memory still leaves XLA's memory analysis on disk (with
+the error, where Python sees it); then the full one (`"complete": true`). With a persistent
+compilation cache (`JAX_COMPILATION_CACHE_DIR`), compile_s may be a cache read: the record says
+whether the cache was set and whether this compile hit it.
 """
 
 from __future__ import annotations
@@ -25,17 +33,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
-import importlib.util
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import lmjax.xla_flags
 from lmjax import config
 from lmjax.config import UserError
 
@@ -43,7 +51,13 @@ RESULTS = Path(__file__).parent / "results"
 # Vocabulary when the experiment leaves it to the tokenizer (0): nanoGPT's padded GPT-2 size, and
 # the 32768 pieces the shipped llama experiment's tokenizer has.
 DEFAULT_VOCAB = {"gpt2": 50304, "llama": 32768}
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "jax-cuda13-plugin", "jax-cuda12-plugin", "libtpu")
+VERSIONED = (
+    *("jax", "jaxlib", "flax", "optax", "numpy"),
+    *("jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt", "libtpu"),
+)
+ENV_VARS = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS")
+TIMING = "device step only; batches pre-placed"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,9 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceiling-size", type=int, default=0, help="0: 8192, or 1024 on CPU")
     parser.add_argument("--ceiling-dtype", default="", help="default: the model's compute dtype")
     parser.add_argument("--ceiling-only", action="store_true", help="measure only the matmul ceiling")
+    parser.add_argument("--env", metavar="BACKEND", help="print versions and devices; exit 1 unless BACKEND")
     args = parser.parse_args(argv)
-    if not args.ceiling_only and not args.experiment:
-        parser.error("--experiment is required (or pass --ceiling-only)")
+    if not (args.ceiling_only or args.env) and not args.experiment:
+        parser.error("--experiment is required (or pass --ceiling-only or --env)")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -69,21 +84,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.env:
+            return env_check(args.env)
         exp, vocab_source = resolve(args) if args.experiment else (None, None)
-        if exp is not None and exp.train.xla_flags and importlib.util.find_spec("lmjax.xla_flags"):
-            importlib.import_module("lmjax.xla_flags").apply(log=lambda m: print(m, file=sys.stderr))
-        record = run(args, exp, vocab_source)
+        if exp is not None and exp.train.xla_flags:
+            lmjax.xla_flags.apply(log=lambda m: print(m, file=sys.stderr))
+        path = result_path(args, exp)
+        record = run(args, exp, vocab_source, lambda partial: write(path, partial))
     except UserError as e:
         print(f"throughput: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = record["device"]
+    write(path, record)
+    print(summary(record) + f" -> {path}")
+    return 0
+
+
+def result_path(args: argparse.Namespace, exp: config.Experiment | None) -> Path:
+    import jax
+
     stem = f"throughput-{exp.name}" if exp else "matmul_ceiling"
     suffix = ("-packed" if args.packed else "") + (f"-{args.tag}" if args.tag else "")
-    path = out / f"{stem}-{dev['platform']}{dev['count']}{suffix}.json"
+    return Path(args.out) / f"{stem}-{jax.devices()[0].platform}{jax.device_count()}{suffix}.json"
+
+
+def write(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(summary(record) + f" -> {path}")
+
+
+def env_check(backend: str) -> int:
+    """Print this Python, jax's versions and devices and the cuDNN version (on CUDA); 0 when
+    jax's default backend is `backend`, else 1. The GPU run's first stage: fast, and it stops
+    the run before a CPU fallback spends the budget."""
+    import jax
+
+    print(f"python {platform.python_version()} ({sys.executable})")
+    print("versions:", json.dumps(_versions()))
+    print("env:", json.dumps({k: os.environ.get(k) for k in (*ENV_VARS, "JAX_COMPILATION_CACHE_DIR")}))
+    try:
+        devices = jax.devices()
+    except RuntimeError as e:  # e.g. JAX_PLATFORMS names a backend that failed to start
+        print(f"env: error: jax cannot start a backend: {e}", file=sys.stderr)
+        return 1
+    print("devices:", devices)
+    print(f"default backend: {jax.default_backend()}; platform version: {_platform_version()}")
+    if jax.default_backend() != backend:
+        print(
+            f"env: error: jax's default backend is {jax.default_backend()}, expected {backend}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"env: ok, {len(devices)} {devices[0].device_kind} ({backend})")
     return 0
 
 
@@ -102,27 +153,59 @@ def resolve(args: argparse.Namespace) -> tuple[config.Experiment, str]:
     return exp, source
 
 
-def run(args: argparse.Namespace, exp: config.Experiment | None, vocab_source: str | None) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace,
+    exp: config.Experiment | None,
+    vocab_source: str | None,
+    on_partial: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Any]:
+    """The full record; `on_partial` gets the record so far (`"complete": false`) once the
+    step has compiled, and again with the error if running it fails."""
     import jax
+    import numpy as np
 
     device = jax.devices()[0]
+    cache_dir = _cache_dir()
     record: dict[str, Any] = {
         "experiment": exp.name if exp else None,
+        "complete": False,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": {
             "kind": device.device_kind,
             "platform": device.platform,
+            "platform_version": _platform_version(),
             "count": jax.device_count(),
             "processes": jax.process_count(),
             "host_cpus": os.cpu_count(),
         },
         "versions": _versions(),
-        "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")},
+        "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "compilation_cache": {
+            "dir": cache_dir,
+            "enabled": cache_dir is not None,
+            "note": "compile_s may be a read from this persistent cache (see compile_cache_hit)"
+            if cache_dir
+            else "no persistent cache: compile_s is a full compile",
+        },
     }
     if exp is not None:
         config.mesh_shape(exp, jax.device_count())
+        t = exp.train
+        rng = np.random.default_rng(t.seed)
+        host_batches = [
+            random_batch(rng, t.batch_size, exp.model.seq_len, exp.model.vocab_size, args.packed)
+            for _ in range(min(4, args.warmup + args.steps))
+        ]
+        if args.packed:
+            in_data = max_segments(host_batches)
+            if not exp.model.max_segments:  # size the packed kernel to the data (unless --set)
+                exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=in_data))
+                config.validate(exp)
+            record |= {"max_segments": exp.model.max_segments, "max_segments_in_data": in_data}
         record |= {"config": config.to_dict(exp), "overrides": args.set, "vocab_source": vocab_source}
-        record |= measure_step(exp, args.steps, args.warmup, args.packed)
+        record |= measure_step(
+            exp, host_batches, args.steps, args.warmup, lambda part: on_partial(record | part)
+        )
     size = args.ceiling_size or (1024 if device.platform == "cpu" else 8192)
     dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
     ceiling = matmul_ceiling(size, dtype)
@@ -130,69 +213,97 @@ def run(args: argparse.Namespace, exp: config.Experiment | None, vocab_source: s
     if exp is not None:
         model_flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
         record["mfu_vs_measured"] = model_flops_per_s / (ceiling * 1e12 * jax.device_count())
+    record["complete"] = True
     return record
 
 
-def measure_step(exp: config.Experiment, steps: int, warmup: int, packed: bool) -> dict[str, Any]:
-    """Compile the train step as `lmjax.train` does and time it on random batches."""
+def measure_step(
+    exp: config.Experiment,
+    host_batches: list[dict[str, Any]],
+    steps: int,
+    warmup: int,
+    on_compiled: Callable[[dict[str, Any]], None] = lambda part: None,
+) -> dict[str, Any]:
+    """Compile the train step as `lmjax.train` does and time it on `host_batches` (placed on
+    the devices first, used in turn). `on_compiled` gets the compile-time part of the result
+    before any step runs, and that part with an `"error"` if running fails."""
     import jax
-    import numpy as np
 
     from lmjax import flops, optim, sharding, step
 
     m, t = exp.model, exp.train
+    packed = "segment_ids" in host_batches[0]
     mesh = sharding.make_mesh(exp)
     tx = optim.make(exp.optim, t.steps)
-    rng = np.random.default_rng(t.seed)
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         batch_sh = step.batch_sharding(mesh)
-        batches = [
-            step.put_batch(random_batch(rng, t.batch_size, m.seq_len, m.vocab_size, packed), batch_sh)
-            for _ in range(min(4, warmup + steps))
-        ]
+        batches = [step.put_batch(b, batch_sh) for b in host_batches]
         params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
         start = time.perf_counter()
         lowered = train_step.lower(state, batches[0])
         lower_s = time.perf_counter() - start
-        compiled = lowered.compile()
+        with _cache_hits() as hits:
+            compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        part = {
+            "batch": "packed" if packed else "plain",
+            "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape), strict=True)),
+            "timing": TIMING,
+            "steps": steps,
+            "warmup": warmup,
+            "tokens_per_step": t.batch_size * m.seq_len,
+            "compile_s": compile_s,
+            "lower_s": lower_s,
+            "compile_cache_hit": None if hits is None else bool(hits),
+            "attention_impl": _attention_impl(m, t.batch_size, packed),
+            "flops_per_token": flops.flops_per_token(m),
+            "params": int(params),
+            "params_matmul": flops.matmul_params(m),
+            "xla_flops_per_step": _xla_flops(compiled),
+            "memory_analysis": memory_analysis(compiled),
+        }
+        on_compiled(part)
 
-        for i in range(warmup):
-            state, metrics = compiled(state, batches[i % len(batches)])
-        jax.block_until_ready(state)
-        start = time.perf_counter()
-        for i in range(steps):
-            state, metrics = compiled(state, batches[(warmup + i) % len(batches)])
-        jax.block_until_ready((state, metrics))
-        elapsed = time.perf_counter() - start
+        try:
+            for i in range(warmup):
+                state, metrics = compiled(state, batches[i % len(batches)])
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            for i in range(steps):
+                state, metrics = compiled(state, batches[(warmup + i) % len(batches)])
+            jax.block_until_ready((state, metrics))
+            elapsed = time.perf_counter() - start
+        except Exception as e:  # e.g. out of memory: keep the compile-time record, with the error
+            on_compiled(
+                part | {"error": f"{type(e).__name__}: {e}"[:4000], "peak_memory_bytes": peak_memory_bytes()}
+            )
+            raise
 
     tokens_per_s = steps * t.batch_size * m.seq_len / elapsed
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
-    result = {
-        "batch": "packed" if packed else "plain",
-        "mesh": dict(zip(mesh.axis_names, map(int, mesh.devices.shape), strict=True)),
-        "steps": steps,
-        "warmup": warmup,
-        "tokens_per_step": t.batch_size * m.seq_len,
+    return part | {
         "tokens_per_s": tokens_per_s,
         "step_ms": 1000 * elapsed / steps,
         "mfu": flops.mfu(tokens_per_s, m, jax.device_count(), peak) if peak else None,
         "peak_tflops": peak,
-        "compile_s": compile_s,
-        "lower_s": lower_s,
         "final_loss": float(metrics["loss"]),
-        "attention_impl": _attention_impl(m, t.batch_size, packed),
-        "flops_per_token": flops.flops_per_token(m),
-        "params": int(params),
-        "params_matmul": flops.matmul_params(m),
-        "xla_flops_per_step": _xla_flops(compiled),
         "peak_memory_bytes": peak_memory_bytes(),
-        "memory_analysis": memory_analysis(compiled),
     }
-    return result
+
+
+def max_segments(batches: list[dict[str, Any]]) -> int:
+    """The most documents any row of these batches holds (1 for plain batches)."""
+    import numpy as np
+
+    counts = [
+        1 + np.count_nonzero(np.diff(b["segment_ids"], axis=1), axis=1).max()
+        for b in batches
+        if "segment_ids" in b
+    ]
+    return int(max(counts, default=1))
 
 
 def random_batch(rng: Any, batch_size: int, seq_len: int, vocab: int, packed: bool = False) -> dict[str, Any]:
@@ -293,7 +404,10 @@ def summary(r: dict[str, Any]) -> str:
     )
 
 
-def _versions() -> dict[str, str | None]:
+def _versions() -> dict[str, str | int | None]:
+    """Package versions (jax, jaxlib, flax, optax, numpy always; plugins where installed), the
+    cuDNN version where a CUDA plugin reports one, and Python's."""
+
     def version(package: str) -> str | None:
         try:
             return metadata.version(package)
@@ -301,7 +415,66 @@ def _versions() -> dict[str, str | None]:
             return None
 
     found = {p: version(p) for p in VERSIONED}
-    return {p: v for p, v in found.items() if v or p in VERSIONED[:5]} | {"python": platform.python_version()}
+    versions: dict[str, str | int | None] = {p: v for p, v in found.items() if v or p in VERSIONED[:5]}
+    cudnn = _cudnn_version()
+    return versions | ({"cudnn": cudnn} if cudnn else {}) | {"python": platform.python_version()}
+
+
+def _cudnn_version() -> int | None:
+    """cuDNN's runtime version as an int (e.g. 91000 for 9.10.0), None off CUDA. Read through
+    `jax._src.lib.cuda_versions`, the module JAX's own cuDNN attention checks the version with
+    (private, hence guarded)."""
+    try:
+        from jax._src.lib import cuda_versions
+
+        return int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
+    except Exception:
+        return None
+
+
+def _platform_version() -> str | None:
+    """The backend's own description, e.g. the CUDA and driver versions on a GPU."""
+    import jax
+
+    try:
+        return str(jax.devices()[0].client.platform_version)
+    except Exception:
+        return None
+
+
+def _cache_dir() -> str | None:
+    """The persistent compilation cache's folder, None when there is none."""
+    import jax
+
+    try:
+        return jax.config.jax_compilation_cache_dir or None
+    except AttributeError:
+        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
+
+
+class _cache_hits:
+    """Counts persistent-cache hits (jax.monitoring events) while entered: `as` gives a list
+    that gains an entry per hit, or None where jax.monitoring cannot be listened to."""
+
+    def __enter__(self) -> list[str] | None:
+        import jax
+
+        self.hits: list[str] = []
+        try:
+            jax.monitoring.register_event_listener(self._listen)
+        except AttributeError:
+            self.hits = None
+        return self.hits
+
+    def __exit__(self, *exc: object) -> None:
+        import jax
+
+        if self.hits is not None:
+            jax.monitoring.unregister_event_listener(self._listen)
+
+    def _listen(self, event: str, **_: object) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.hits.append(event)
 
 
 def _xla_flops(compiled: Any) -> float | None:
@@ -315,14 +488,12 @@ def _xla_flops(compiled: Any) -> float | None:
     return float(cost["flops"]) if isinstance(cost, dict) and "flops" in cost else None
 
 
-def _attention_impl(m: config.Model, batch_size: int, packed: bool) -> str | None:
+def _attention_impl(m: config.Model, batch_size: int, packed: bool) -> str:
     """The kernel `model.attention` resolves to here (plain batches carry no segment ids)."""
     from lmjax import attention
 
-    try:
-        return attention.resolve(m.attention, (batch_size, m.seq_len, m.n_heads, m.head_dim), m.dtype, packed)
-    except (AttributeError, TypeError, ValueError):  # attention.resolve's signature may move
-        return None
+    q_shape = (batch_size, m.seq_len, m.n_heads, m.head_dim)
+    return attention.resolve(m.attention, q_shape, m.dtype, packed, kv_heads=m.kv_heads)
 
 
 if __name__ == "__main__":

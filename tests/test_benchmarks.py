@@ -21,6 +21,7 @@ TINY = [
     *("--set", "model.dtype=float32", "--steps", "2", "--warmup", "1", "--ceiling-size", "256"),
 ]
 RUNS = ("gpt2_124m-cpu1", "gpt2_124m-cpu1-packed", "gpt2_774m-cpu1", "llama_1b-cpu1")
+STAGES = ["env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed"]
 DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
 
 
@@ -48,26 +49,31 @@ def rehearsal(tmp_path_factory) -> Path:
 
 def test_every_stage_ran_and_passed(rehearsal):
     stages = [json.loads(line) for line in (rehearsal / "stages.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in stages] == [
-        "pytest-gpu",
-        "ceiling",
-        "gpt2_124m",
-        "gpt2_124m-packed",
-        "gpt2_774m",
-        "llama_1b",
-    ]
+    assert [s["stage"] for s in stages] == STAGES
     logs = {s["stage"]: (rehearsal / f"{s['stage']}.log").read_text()[-2000:] for s in stages}
     failed = {s["stage"]: logs[s["stage"]] for s in stages if not s["ok"]}
     assert not failed, failed
-    assert (rehearsal / "pytest-gpu.xml").exists()
+    assert "env: ok" in logs["env"] and "jaxlib" in logs["env"] and "devices: [CpuDevice" in logs["env"]
+    check = json.loads((rehearsal / "attention_check.json").read_text())
+    assert check["ok"] and check["results"] and all(r["ok"] for r in check["results"])
+    assert {r["implementation"] for r in check["results"]} >= {"xla"}
 
 
 @pytest.mark.parametrize("run", RUNS)
 def test_throughput_record(rehearsal, run):
     r = json.loads((rehearsal / f"throughput-{run}.json").read_text())
     model = config.from_dict(r["config"]).model
+    assert r["complete"] is True and "error" not in r
     assert r["device"]["platform"] == "cpu" and r["device"]["count"] == 1
     assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(r["versions"])
+    assert "cudnn" not in r["versions"]  # no CUDA here
+    assert r["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == os.environ.get(
+        "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"
+    )
+    assert r["timing"] == "device step only; batches pre-placed"
+    cache = r["compilation_cache"]  # gpu.sh always sets JAX_COMPILATION_CACHE_DIR
+    assert cache["enabled"] and cache["dir"] and "cache" in cache["note"]
+    assert isinstance(r["compile_cache_hit"], bool)
     assert r["batch"] == ("packed" if run.endswith("packed") else "plain")
     assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["compile_s"] > 0
     assert r["tokens_per_step"] == model.seq_len * r["config"]["train"]["batch_size"]
@@ -86,14 +92,60 @@ def test_throughput_record(rehearsal, run):
 
 def test_packed_run_measures_the_same_model(rehearsal):
     plain, packed = (json.loads((rehearsal / f"throughput-{r}.json").read_text()) for r in RUNS[:2])
-    assert plain["config"] == packed["config"]
     assert (plain["batch"], packed["batch"]) == ("plain", "packed")
+    # The packed kernel is sized to the documents the generated rows hold; nothing else differs.
+    assert plain["config"]["model"]["max_segments"] == 0 and "max_segments" not in plain
+    assert (
+        packed["max_segments"]
+        == packed["max_segments_in_data"]
+        == packed["config"]["model"]["max_segments"]
+        > 1
+    )
+    packed["config"]["model"]["max_segments"] = 0
+    assert plain["config"] == packed["config"]
 
 
-def test_ceiling_only_record(rehearsal):
-    r = json.loads((rehearsal / "matmul_ceiling-cpu1.json").read_text())
-    assert r["experiment"] is None and "tokens_per_s" not in r
-    assert r["ceiling_tflops"] > 0 and (r["ceiling_size"], r["ceiling_dtype"]) == (1024, "bfloat16")
+def test_env_stage_stops_a_run_without_the_gpu(tmp_path):
+    """No --cpu on this CPU box: the env stage fails in seconds and no other stage runs. PYTHON
+    unset: gpu.sh takes the first of python3, python that imports jax (the venv's here)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "JAX_PLATFORMS")}
+    env |= {"OUT": str(tmp_path), "PATH": bin_dir + os.pathsep + env["PATH"], "LMJAX_BENCH_BUDGET_S": "60"}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    stages = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in stages] == STAGES
+    assert stages[0]["rc"] == 1 and all(s["skipped"] == "the env stage failed" for s in stages[1:])
+    log = (tmp_path / "env.log").read_text()
+    assert "jaxlib" in log and "expected gpu" in log
+    assert f"python: {bin_dir}/python" in (tmp_path / "machine.txt").read_text()
+    assert not list(tmp_path.glob("throughput-*.json"))
+
+
+def test_ceiling_only_record(tmp_path):
+    assert throughput.main(["--ceiling-only", "--ceiling-size", "256", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "matmul_ceiling-cpu8.json").read_text())
+    assert r["experiment"] is None and "tokens_per_s" not in r and r["complete"] is True
+    assert r["ceiling_tflops"] > 0 and (r["ceiling_size"], r["ceiling_dtype"]) == (256, "bfloat16")
+
+
+def test_partial_record_survives_a_failing_step(tmp_path, monkeypatch):
+    """Running the step fails (as out of memory would): the compile-time record stays on disk."""
+    import jax
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: pretend")
+
+    monkeypatch.setattr(jax, "block_until_ready", out_of_memory)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        throughput.main(["--experiment", "gpt2_124m", "--out", str(tmp_path), *TINY])
+    r = json.loads((tmp_path / "throughput-gpt2_124m-cpu8.json").read_text())
+    assert r["complete"] is False and "RESOURCE_EXHAUSTED: pretend" in r["error"]
+    assert r["compile_s"] > r["lower_s"] > 0 and any(v > 0 for v in r["memory_analysis"].values())
+    assert r["config"]["model"]["d_model"] == 64 and r["timing"] == "device step only; batches pre-placed"
+    assert "tokens_per_s" not in r and "ceiling_tflops" not in r
 
 
 def test_no_data_pipeline_imported(tmp_path):
@@ -119,7 +171,7 @@ def test_sharded_mesh_in_process(tmp_path):
     assert throughput.main(["--experiment", "llama_1b", "--out", str(tmp_path), *TINY, *mesh]) == 0
     r = json.loads((tmp_path / "throughput-llama_1b-cpu8.json").read_text())
     assert r["device"]["count"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert r["tokens_per_s"] > 0 and r["ceiling_size"] == 256
+    assert r["tokens_per_s"] > 0 and r["ceiling_size"] == 256 and r["complete"] is True
     measured = r["tokens_per_s"] * r["flops_per_token"] / (r["ceiling_tflops"] * 1e12 * 8)
     assert r["mfu_vs_measured"] == pytest.approx(measured, rel=1e-9)
     assert abs(r["final_loss"] - math.log(512)) < 0.5
@@ -152,3 +204,10 @@ def test_random_batch_layout(packed):
     assert np.all(np.diff(seg, axis=1) >= 0) and np.all(seg[:, 0] == 1)
     assert np.array_equal(mask[:, :-1], (seg[:, 1:] == seg[:, :-1]).astype(np.float32))
     assert seg.max() > 1 and mask.min() == 0
+    assert throughput.max_segments([b]) == seg.max()  # ids count the documents from 1 in each row
+
+
+def test_max_segments_counts_documents_per_row():
+    rows = np.array([[1, 1, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1]], np.int32)
+    assert throughput.max_segments([{"segment_ids": rows}, {"segment_ids": rows[1:]}]) == 3
+    assert throughput.max_segments([{"inputs": rows}]) == 1  # plain batches: one document a row
