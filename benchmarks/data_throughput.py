@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
+
+from measure import package_versions
 
 from lmjax import config
 from lmjax.config import Source
@@ -122,9 +123,7 @@ def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
             "machine": platform.machine(),
             "processor": platform.processor(),
         },
-        "versions": {
-            p: metadata.version(p) for p in ("grain", "array_record", "sentencepiece", "numpy", "pyarrow")
-        }
+        "versions": package_versions(("grain", "array_record", "sentencepiece", "numpy", "pyarrow"))
         | {"python": platform.python_version()},
         "config": {"experiment": args.experiment, "overrides": args.set, "vocab_size": tok.vocab_size},
         "corpus": {

@@ -39,7 +39,6 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,19 @@ import lmjax.xla_flags
 from lmjax import config
 from lmjax.config import UserError
 
+# Python puts this folder on sys.path only when this file is run as a script; the tests load it
+# by path (importlib, runpy), so put it there for the sibling modules imported below.
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import measure  # noqa: E402
+from random_batches import max_segments, random_batch  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 # Vocabulary when the experiment leaves it to the tokenizer (0): nanoGPT's padded GPT-2 size, and
 # the 32768 pieces the shipped llama experiment's tokenizer has.
 DEFAULT_VOCAB = {"gpt2": 50304, "llama": 32768}
-VERSIONED = (
-    *("jax", "jaxlib", "flax", "optax", "numpy"),
-    *("jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt", "libtpu"),
-)
-ENV_VARS = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "JAX_PLATFORMS")
 TIMING = "device step only; batches pre-placed"
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,15 +120,17 @@ def env_check(backend: str) -> int:
     import jax
 
     print(f"python {platform.python_version()} ({sys.executable})")
-    print("versions:", json.dumps(_versions()))
-    print("env:", json.dumps({k: os.environ.get(k) for k in (*ENV_VARS, "JAX_COMPILATION_CACHE_DIR")}))
+    print("versions:", json.dumps(measure.versions()))
+    print(
+        "env:", json.dumps({k: os.environ.get(k) for k in (*measure.ENV_VARS, "JAX_COMPILATION_CACHE_DIR")})
+    )
     try:
         devices = jax.devices()
     except RuntimeError as e:  # e.g. JAX_PLATFORMS names a backend that failed to start
         print(f"env: error: jax cannot start a backend: {e}", file=sys.stderr)
         return 1
     print("devices:", devices)
-    print(f"default backend: {jax.default_backend()}; platform version: {_platform_version()}")
+    print(f"default backend: {jax.default_backend()}; platform version: {measure.platform_version()}")
     if jax.default_backend() != backend:
         print(
             f"env: error: jax's default backend is {jax.default_backend()}, expected {backend}",
@@ -165,7 +168,7 @@ def run(
     import numpy as np
 
     device = jax.devices()[0]
-    cache_dir = _cache_dir()
+    cache_dir = measure.cache_dir()
     record: dict[str, Any] = {
         "experiment": exp.name if exp else None,
         "complete": False,
@@ -173,13 +176,13 @@ def run(
         "device": {
             "kind": device.device_kind,
             "platform": device.platform,
-            "platform_version": _platform_version(),
+            "platform_version": measure.platform_version(),
             "count": jax.device_count(),
             "processes": jax.process_count(),
             "host_cpus": os.cpu_count(),
         },
-        "versions": _versions(),
-        "env": {k: os.environ.get(k) for k in ENV_VARS},
+        "versions": measure.versions(),
+        "env": {k: os.environ.get(k) for k in measure.ENV_VARS},
         "compilation_cache": {
             "dir": cache_dir,
             "enabled": cache_dir is not None,
@@ -208,7 +211,7 @@ def run(
         )
     size = args.ceiling_size or (1024 if device.platform == "cpu" else 8192)
     dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
-    ceiling = matmul_ceiling(size, dtype)
+    ceiling = measure.matmul_ceiling(size, dtype)
     record |= {"ceiling_tflops": ceiling, "ceiling_size": size, "ceiling_dtype": dtype}
     if exp is not None:
         model_flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
@@ -245,7 +248,7 @@ def measure_step(
         start = time.perf_counter()
         lowered = train_step.lower(state, batches[0])
         lower_s = time.perf_counter() - start
-        with _cache_hits() as hits:
+        with measure.cache_hits() as hits:
             compiled = lowered.compile()
         compile_s = time.perf_counter() - start
         part = {
@@ -262,8 +265,8 @@ def measure_step(
             "flops_per_token": flops.flops_per_token(m),
             "params": int(params),
             "params_matmul": flops.matmul_params(m),
-            "xla_flops_per_step": _xla_flops(compiled),
-            "memory_analysis": memory_analysis(compiled),
+            "xla_flops_per_step": measure.xla_flops(compiled),
+            "memory_analysis": measure.memory_analysis(compiled),
         }
         on_compiled(part)
 
@@ -278,7 +281,11 @@ def measure_step(
             elapsed = time.perf_counter() - start
         except Exception as e:  # e.g. out of memory: keep the compile-time record, with the error
             on_compiled(
-                part | {"error": f"{type(e).__name__}: {e}"[:4000], "peak_memory_bytes": peak_memory_bytes()}
+                part
+                | {
+                    "error": f"{type(e).__name__}: {e}"[:4000],
+                    "peak_memory_bytes": measure.peak_memory_bytes(),
+                }
             )
             raise
 
@@ -290,103 +297,8 @@ def measure_step(
         "mfu": flops.mfu(tokens_per_s, m, jax.device_count(), peak) if peak else None,
         "peak_tflops": peak,
         "final_loss": float(metrics["loss"]),
-        "peak_memory_bytes": peak_memory_bytes(),
+        "peak_memory_bytes": measure.peak_memory_bytes(),
     }
-
-
-def max_segments(batches: list[dict[str, Any]]) -> int:
-    """The most documents any row of these batches holds (1 for plain batches)."""
-    import numpy as np
-
-    counts = [
-        1 + np.count_nonzero(np.diff(b["segment_ids"], axis=1), axis=1).max()
-        for b in batches
-        if "segment_ids" in b
-    ]
-    return int(max(counts, default=1))
-
-
-def random_batch(rng: Any, batch_size: int, seq_len: int, vocab: int, packed: bool = False) -> dict[str, Any]:
-    """Uniform random tokens. Plain: one document per row and no segment ids or positions, so
-    attention takes its plain causal path (cuDNN on a GPU), as the peers measure. Packed: the
-    loader's layout (`lmjax.data.loader.windows`), documents of lengths drawn uniformly from
-    [seq_len/16, seq_len] back to back, segment ids counting from 1 and positions restarting
-    at each document; the target that would predict the next document's first token is masked."""
-    import numpy as np
-
-    n = seq_len + 1  # inputs and targets
-    tokens_BN = rng.integers(0, vocab, (batch_size, n), dtype=np.int32)
-    if not packed:
-        return {
-            "inputs": tokens_BN[:, :-1],
-            "targets": tokens_BN[:, 1:],
-            "loss_mask": np.ones((batch_size, seq_len), np.float32),
-        }
-    segments_BN = np.ones((batch_size, n), np.int32)
-    positions_BN = np.zeros((batch_size, n), np.int32)
-    for row in range(batch_size):
-        start, doc = 0, 1
-        while start < n:
-            end = min(n, start + int(rng.integers(max(1, seq_len // 16), seq_len + 1)))
-            segments_BN[row, start:end] = doc
-            positions_BN[row, start:end] = np.arange(end - start)
-            start, doc = end, doc + 1
-    return {
-        "inputs": tokens_BN[:, :-1],
-        "targets": tokens_BN[:, 1:],
-        "segment_ids": segments_BN[:, :-1],
-        "positions": positions_BN[:, :-1],
-        "loss_mask": (segments_BN[:, 1:] == segments_BN[:, :-1]).astype(np.float32),
-    }
-
-
-def matmul_ceiling(size: int, dtype: str, windows: int = 5, window_s: float = 0.1) -> float:
-    """Best TFLOP/s of a `size`³ matmul on the first device over a few timed windows (each at
-    most 50 matmuls in flight, so outputs waiting to be freed stay bounded)."""
-    import jax
-    import jax.numpy as jnp
-
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.dtype(dtype))
-    b = jax.random.normal(key_b, (size, size), jnp.dtype(dtype))
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    reps = max(1, min(50, int(window_s / (time.perf_counter() - start))))
-    best = float("inf")
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = matmul(a, b)
-        out.block_until_ready()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 2 * size**3 / best / 1e12
-
-
-def peak_memory_bytes() -> int | None:
-    """The largest `peak_bytes_in_use` over this process's devices; None where not reported."""
-    import jax
-
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
-    return max(peaks) if peaks else None
-
-
-def memory_analysis(compiled: Any) -> dict[str, int] | None:
-    """Every integer field of XLA's per-device memory analysis (argument, output, alias, temp,
-    generated code, ...; the fields differ between jaxlib versions and backends)."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # not implemented on some backends
-        return None
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
-    if analysis is None:
-        return None
-    names = [n for n in dir(analysis) if not n.startswith("_")]
-    values = {n: getattr(analysis, n, None) for n in names}
-    return {n: v for n, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -402,90 +314,6 @@ def summary(r: dict[str, Any]) -> str:
         f"compile {r['compile_s']:.1f} s"
         + (f", peak memory {memory / 2**30:.2f} GiB" if memory is not None else "")
     )
-
-
-def _versions() -> dict[str, str | int | None]:
-    """Package versions (jax, jaxlib, flax, optax, numpy always; plugins where installed), the
-    cuDNN version where a CUDA plugin reports one, and Python's."""
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    found = {p: version(p) for p in VERSIONED}
-    versions: dict[str, str | int | None] = {p: v for p, v in found.items() if v or p in VERSIONED[:5]}
-    cudnn = _cudnn_version()
-    return versions | ({"cudnn": cudnn} if cudnn else {}) | {"python": platform.python_version()}
-
-
-def _cudnn_version() -> int | None:
-    """cuDNN's runtime version as an int (e.g. 91000 for 9.10.0), None off CUDA. Read through
-    `jax._src.lib.cuda_versions`, the module JAX's own cuDNN attention checks the version with
-    (private, hence guarded)."""
-    try:
-        from jax._src.lib import cuda_versions
-
-        return int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
-    except Exception:
-        return None
-
-
-def _platform_version() -> str | None:
-    """The backend's own description, e.g. the CUDA and driver versions on a GPU."""
-    import jax
-
-    try:
-        return str(jax.devices()[0].client.platform_version)
-    except Exception:
-        return None
-
-
-def _cache_dir() -> str | None:
-    """The persistent compilation cache's folder, None when there is none."""
-    import jax
-
-    try:
-        return jax.config.jax_compilation_cache_dir or None
-    except AttributeError:
-        return os.environ.get("JAX_COMPILATION_CACHE_DIR") or None
-
-
-class _cache_hits:
-    """Counts persistent-cache hits (jax.monitoring events) while entered: `as` gives a list
-    that gains an entry per hit, or None where jax.monitoring cannot be listened to."""
-
-    def __enter__(self) -> list[str] | None:
-        import jax
-
-        self.hits: list[str] = []
-        try:
-            jax.monitoring.register_event_listener(self._listen)
-        except AttributeError:
-            self.hits = None
-        return self.hits
-
-    def __exit__(self, *exc: object) -> None:
-        import jax
-
-        if self.hits is not None:
-            jax.monitoring.unregister_event_listener(self._listen)
-
-    def _listen(self, event: str, **_: object) -> None:
-        if event == CACHE_HIT_EVENT:
-            self.hits.append(event)
-
-
-def _xla_flops(compiled: Any) -> float | None:
-    """XLA's own count of the step's FLOPs (per device), for comparison with the model count."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if isinstance(cost, dict) and "flops" in cost else None
 
 
 def _attention_impl(m: config.Model, batch_size: int, packed: bool) -> str:

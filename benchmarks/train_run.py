@@ -18,8 +18,9 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from measure import package_versions
 
 from lmjax import config
 from lmjax.train import run
@@ -56,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             "host_cpus": os.cpu_count(),
             "machine": platform.machine(),
         },
-        "versions": {
-            p: metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "sentencepiece")
-        }
+        "versions": package_versions(("jax", "jaxlib", "flax", "optax", "numpy", "sentencepiece"))
         | {"python": platform.python_version()},
         "config": json.loads((workdir / "config.json").read_text()),
         "overrides": args.set,
