@@ -8,6 +8,7 @@ and `batch_sharding`, nowhere else.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -68,12 +69,18 @@ def put_batch(
     """This process's rows of a global batch of `batch_size` rows (`sharding.host_rows`, in
     order) -> global device arrays. A whole global batch (the default) is sliced here."""
     batch_size = batch_size or len(batch["inputs"])
-    rows = sharding.host_rows(batch_sh, batch_size)
+    rows = _process_rows(batch_sh, batch_size)
     out = {}
     for k, v in batch.items():
         local = v[rows] if len(v) == batch_size and len(rows) < batch_size else v
         out[k] = jax.make_array_from_process_local_data(batch_sh, local, (batch_size, *v.shape[1:]))
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _process_rows(batch_sh: jax.sharding.NamedSharding, batch_size: int) -> np.ndarray:
+    """`sharding.host_rows` for this process, worked out once per sharding, not every step."""
+    return sharding.host_rows(batch_sh, batch_size)
 
 
 def make_train_step(

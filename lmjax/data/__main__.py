@@ -7,7 +7,6 @@ training job, or every host of one, finds it ready. Prints where it is and what 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from lmjax import config
@@ -27,13 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         from lmjax.data import cache
 
         corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
-        entry = cache.entry_path(exp.data)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
-    meta = json.loads((entry / "meta.json").read_text())
-    print(f"{entry}: {corpus.tokenizer.vocab_size}-piece tokenizer")
-    for c, part in zip(exp.data.components(), meta["parts"], strict=True):
+    print(f"{corpus.entry}: {corpus.tokenizer.vocab_size}-piece tokenizer")
+    for c, part in zip(exp.data.components(), corpus.meta["parts"], strict=True):
         for split, s in part.items():
             print(
                 f"  {c.source} {c.name or c.path or ''} {split}: {s['documents']} documents, "

@@ -46,10 +46,18 @@ class Split:
 
 
 class Corpus:
-    """The tokenizer and, for each corpus of the experiment, its splits; `weights` for mixing."""
+    """The tokenizer and, for each corpus of the experiment, its splits; `weights` for mixing;
+    the cache entry it was read from and that entry's meta.json."""
 
-    def __init__(self, tok: tokenizer.Tokenizer, parts: list[dict[str, Split]], weights: list[float]):
-        self.tokenizer, self.parts, self.weights = tok, parts, weights
+    def __init__(
+        self,
+        tok: tokenizer.Tokenizer,
+        parts: list[dict[str, Split]],
+        weights: list[float],
+        entry: Path,
+        meta: dict,
+    ):
+        self.tokenizer, self.parts, self.weights, self.entry, self.meta = tok, parts, weights, entry, meta
 
     def splits(self, name: str) -> list[Split]:
         """Split `name` of each corpus, in the order of `weights`."""
@@ -100,7 +108,7 @@ def load_or_build(cfg: Data, log: Callable[[str], None] = print, progress: bool 
             }
         )
     tok = tokenizer.Tokenizer((entry / "tokenizer.model").read_bytes())
-    return Corpus(tok, parts, [c.weight for c in cfg.components()])
+    return Corpus(tok, parts, [c.weight for c in cfg.components()], entry, meta)
 
 
 def _build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) -> None:
