@@ -159,12 +159,15 @@ class Train:
     progress: bool = True
     profile_steps: tuple[int, ...] = ()  # (first, last): jax.profiler trace of these steps
     xla_flags: bool = True  # set lmjax's verified XLA flags for the backend when XLA_FLAGS is unset
+    nan_at_step: int = 0  # tests: step N's gradients become NaN, to exercise the non-finite stop
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    every: int = 0  # 0: save only at the end
-    keep: int = 3
+    every: int = 500  # save every N steps (asynchronously) and at the end; 0: only at the end
+    keep: int = 3  # the newest K checkpoints are kept...
+    keep_every: int = 0  # ...and every M-th step besides (0: none)
+    init_from: str = ""  # a run's workdir: start from its parameters (fresh optimizer, step 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +335,75 @@ def from_dict(d: dict) -> Experiment:
             else value
         )
     return Experiment(**kwargs)
+
+
+# --- resuming ----------------------------------------------------------------------------------
+
+# What a resumed run may change: how it runs, not what it computes. Every other model, data and
+# train setting (shapes, seed, batch, corpus, tokenizer) must match the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "name",
+    "mesh.",
+    "checkpoint.",
+    "optim.",  # announced; those that shape the optimizer state are checked below
+    "train.steps",
+    "train.microbatches",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.peak_tflops",
+    "train.progress",
+    "train.profile_steps",
+    "train.xla_flags",
+    "train.nan_at_step",
+    "model.attention",
+    "model.remat",
+    "model.remat_names",
+    "model.loss_chunk",
+    "model.max_segments",
+    "data.cache_dir",
+)
+
+
+def flat(exp: Experiment) -> dict[str, Any]:
+    """`{"model.d_model": 256, ...}`: every setting under its --set key."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(exp).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def check_resume(saved: Experiment, new: Experiment, step: int, warm_start_hint: str) -> list[str]:
+    """Raise UserError for a change a resumed run cannot take; return the allowed changes to
+    what it computes (optimizer settings), to be announced. `new.model.vocab_size=0` means the
+    tokenizer's, i.e. the saved one."""
+    if new.model.vocab_size == 0:
+        vocab = saved.model.vocab_size
+        new = dataclasses.replace(new, model=dataclasses.replace(new.model, vocab_size=vocab))
+    before, after = flat(saved), flat(new)
+    changed = [k for k in after if before.get(k) != after[k]]
+    for key in changed:
+        _require(
+            key.startswith(RESUME_MAY_CHANGE),
+            f"{key}={after[key]!r} but the checkpoint at step {step} was trained with {before.get(key)!r}; "
+            f"a resumed run cannot change it: set it back, or start a new --workdir with "
+            f"--set checkpoint.init_from={warm_start_hint} to begin from its parameters",
+        )
+    o, so = new.optim, saved.optim
+    _require(
+        o.name == so.name and (o.clip_norm > 0) == (so.clip_norm > 0),
+        f"optim.name={o.name}, optim.clip_norm={o.clip_norm} change the optimizer state the checkpoint "
+        f"holds (name {so.name}, clip_norm {so.clip_norm}); keep its optimizer or warm-start a new run",
+    )
+    _require(
+        new.train.steps >= step,
+        f"train.steps={new.train.steps} is below step {step} that this run already reached; "
+        f"raise train.steps to continue it",
+    )
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith("optim.")]
 
 
 # --- checks that need no jax -----------------------------------------------------------------
@@ -502,6 +574,7 @@ _POSITIVE = (
     "train.log_every",
     "train.eval_batches",
     "data.vocab_size",
+    "checkpoint.keep",
 )
 _NON_NEGATIVE = (
     "model.n_kv_heads",
@@ -514,6 +587,8 @@ _NON_NEGATIVE = (
     "train.eval_every",
     "train.peak_tflops",
     "checkpoint.every",
+    "checkpoint.keep_every",
+    "train.nan_at_step",
 )
 # Every logical axis name the model and the batch use; mesh.rules must map each one.
 LOGICAL_AXES = (

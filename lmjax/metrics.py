@@ -11,9 +11,14 @@ from typing import Any
 
 
 class Logger:
+    """Appends to metrics.jsonl, which keeps one consistent history: a run that restarts at
+    `first_step` (a resume, or step 0) first moves the lines of later steps, whose work is
+    being redone, to metrics.discarded.jsonl."""
+
     def __init__(self, workdir: Path, total_steps: int, first_step: int = 0, progress: bool = True):
         from tqdm import tqdm
 
+        _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
         self._file = open(workdir / "metrics.jsonl", "a")
         self._bar = tqdm(
             total=total_steps,
@@ -41,6 +46,27 @@ class Logger:
     def close(self) -> None:
         self._bar.close()
         self._file.close()
+
+
+def _discard_after(path: Path, step: int, discarded: Path) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    later = [line for line in lines if _step_of(line) > step]
+    if not later:
+        return
+    with discarded.open("a") as f:
+        f.writelines(later)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line for line in lines if _step_of(line) <= step))
+    tmp.replace(path)  # whole or not at all
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return float("inf")
 
 
 class Throughput:

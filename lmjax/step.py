@@ -1,6 +1,6 @@
 """Train state created in its sharded layout, and the jitted train and eval steps.
 
-The state is a plain dict `{"params", "opt_state", "step"}` of arrays; the model's structure
+The state is a plain dict `{"params", "opt_state", "step", "rng"}` of arrays; the model's structure
 lives in its `graphdef` (`nnx.split`), and the steps are pure functions over the state, jitted
 once with explicit in/out shardings and donation. Sharding is decided in `state_shardings`
 and `batch_sharding`, nowhere else.
@@ -40,7 +40,7 @@ def state_shardings(
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
-    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -48,19 +48,52 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 
 def init_state(
-    exp: config.Experiment, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+    exp: config.Experiment,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    params: nnx.State | None = None,
 ) -> tuple[nnx.GraphDef, State, State]:
     """(graphdef, state, shardings): parameters and optimizer state are created directly on
-    their devices by one jitted initialiser, never whole on one host."""
+    their devices by one jitted initialiser, never whole on one host. `params` (a warm start)
+    replaces the random initial parameters; the optimizer still starts fresh at step 0."""
     graphdef, abstract_params = abstract_model(exp.model)
     shardings = state_shardings(abstract_params, tx, mesh)
-
-    def init(key: jax.Array) -> State:
-        params = nnx.state(model.Transformer(exp.model, rngs=nnx.Rngs(params=key)))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(exp.train.seed))
+    key = jax.random.key(exp.train.seed)
+    if params is None:
+        state = jax.jit(_initial_state(exp, tx), out_shardings=shardings)(key)
+    else:
+        state = jax.jit(_initial_state(exp, tx), out_shardings=shardings, donate_argnums=1)(key, params)
     return graphdef, state, shardings
+
+
+def abstract_state(
+    exp: config.Experiment, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> tuple[nnx.GraphDef, State, State]:
+    """(graphdef, shapes and shardings of the state, shardings): a restore target on `mesh`."""
+    graphdef, abstract_params = abstract_model(exp.model)
+    shardings = state_shardings(abstract_params, tx, mesh)
+    shapes = jax.eval_shape(_initial_state(exp, tx), jax.random.key(0))
+    return graphdef, with_shardings(shapes, shardings), shardings
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """A tree of ShapeDtypeStructs placed by `shardings` (what Orbax restores into)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def _initial_state(exp: config.Experiment, tx: optax.GradientTransformation) -> Callable[..., State]:
+    def init(key: jax.Array, params: nnx.State | None = None) -> State:
+        if params is None:
+            params = nnx.state(model.Transformer(exp.model, rngs=nnx.Rngs(params=key)))
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            # Saved and restored with the state; stochastic layers would fold in the step.
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+        }
+
+    return init
 
 
 def put_batch(
@@ -116,11 +149,15 @@ def make_train_step(
         # Sums over all tokens, divided once: accumulation equals the whole-batch step.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
+        if exp.train.nan_at_step:  # a test of the non-finite stop
+            poison = jnp.where(state["step"] + 1 == exp.train.nan_at_step, jnp.nan, 1.0)
+            grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
             "step": state["step"] + 1,
+            "rng": state["rng"],
         }
         metrics = {
             "loss": loss_sum / count,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Diverged(Exception):
+    """The loss or gradient became non-finite: exit status 3, the last good checkpoint kept."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -43,63 +48,105 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
 def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
-    """Train `exp` in `workdir`; returns the last logged metrics and held-out results."""
+    """Train `exp` in `workdir`, resuming from its newest checkpoint if it has one; returns the
+    last logged metrics and held-out results."""
     # jax and the model stack load only now, after the config has been checked.
     if exp.train.xla_flags:
         from lmjax import xla_flags
 
-        xla_flags.apply(log=lambda m: print(m, file=sys.stderr))
+        xla_flags.apply(log=_print)
     import jax
 
-    from lmjax import flops, optim, sharding, step
+    from lmjax import checkpoint, flops, optim, sharding, step
     from lmjax.data import cache, loader
     from lmjax.evaluate import HeldOut
     from lmjax.metrics import Logger, StepTrace, Throughput
+    from lmjax.stop_signals import StopRequests
 
     workdir = workdir.absolute()
-    if (workdir / "metrics.jsonl").exists():
-        raise UserError(f"{workdir} already holds a run and resuming is not built yet; pass a new --workdir")
     config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
-    corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
+    exp = _tokenizer_of_warm_start(exp)
+    ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
+    saved = ckpts.newest_readable()
+    if saved:  # fail fast, before any tokenizing, on a setting a resumed run cannot change
+        config.check_resume(saved.exp, exp, saved.step, str(workdir))
+    corpus = cache.load_or_build(exp.data, log=_print)
     exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
     if exp.model.max_segments == 0:  # size the packed attention kernel to this data
         splits = corpus.splits("train") + corpus.splits("validation")
         most = loader.max_segments(splits, exp.model.seq_len)
         exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
-    corpus.tokenizer.save(workdir / "tokenizer.model")
 
     m, t = exp.model, exp.train
     tx = optim.make(exp.optim, t.steps)
+    with sharding.use(mesh, exp.mesh.rules):
+
+        def restore_target(saved: checkpoint.Saved) -> step.State:
+            for change in config.check_resume(saved.exp, exp, saved.step, str(workdir)):
+                _print(f"resuming with a changed optimizer setting: {change}")
+            if saved.data["corpus"] != corpus.entry.name:
+                raise UserError(
+                    f"the corpus differs from the one the checkpoint at step {saved.step} was trained on "
+                    f"(its files or tokenizer changed); restore them, or warm-start a new run from "
+                    f"{workdir} with checkpoint.init_from"
+                )
+            return step.abstract_state(exp, tx, mesh)[1]
+
+        resumed = ckpts.restore_newest(restore_target)
+        if resumed:
+            saved, state = resumed
+            graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
+            _print(f"resuming from step {saved.step} of {t.steps} ({ckpts.folder / str(saved.step)})")
+        else:
+            warm = None
+            if exp.checkpoint.init_from:
+                warm, _ = checkpoint.load_params(exp.checkpoint.init_from, mesh, model=m, log=_print)
+                _print(f"warm start from {exp.checkpoint.init_from}: its parameters, fresh optimizer, step 0")
+            graphdef, state, shardings = step.init_state(exp, tx, mesh, params=warm)
+        first = saved.step if resumed else 0
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
+    tmp.replace(workdir / "config.json")
+    corpus.tokenizer.save(workdir / "tokenizer.model")
+    if first == t.steps:
+        _print(f"the run in {workdir} already reached train.steps={t.steps}; raise it to train on")
+        ckpts.close()
+        return {}
+
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     tokens_per_step = t.batch_size * m.seq_len
-    log = Logger(workdir, t.steps, progress=t.progress)
+    log = Logger(workdir, t.steps, first_step=first, progress=t.progress)
     log.print(
         f"{exp.name}: {m.flavour} {count_params(m) / 1e6:.1f}M params, mesh data x fsdp x tensor = "
         f"{' x '.join(map(str, mesh.devices.shape))} on {jax.device_count()} {jax.default_backend()} devices"
     )
 
-    with sharding.use(mesh, exp.mesh.rules):
-        graphdef, state, shardings = step.init_state(exp, tx, mesh)
+    with sharding.use(mesh, exp.mesh.rules), StopRequests() as stop:
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         batch_sh = step.batch_sharding(mesh)
-        train_batches = loader.DevicePrefetch(  # the next batch goes to the devices during a step
-            loader.TrainBatches(
-                corpus.splits("train"),
-                corpus.weights,
-                m.seq_len,
-                t.batch_size,
-                t.seed,
-                rows=sharding.host_rows(batch_sh, t.batch_size),
-            ),
-            lambda batch: step.put_batch(batch, batch_sh, t.batch_size),
+        source = loader.TrainBatches(
+            corpus.splits("train"),
+            corpus.weights,
+            m.seq_len,
+            t.batch_size,
+            t.seed,
+            rows=sharding.host_rows(batch_sh, t.batch_size),
         )
+        if resumed:
+            source.set_state(saved.data["loader"])
+        # The next batch goes to the devices while a step runs; its state is that of the batch
+        # the next step takes, which is what a checkpoint must hold.
+        train_batches = loader.DevicePrefetch(source, lambda b: step.put_batch(b, batch_sh, t.batch_size))
         held_out = HeldOut(
             loader.eval_batches(
                 corpus.splits("validation"), corpus.weights, m.seq_len, t.batch_size, t.eval_batches
@@ -111,13 +158,16 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         start, throughput = time.time(), Throughput()
         last: dict[str, Any] = {}
 
-        def report(done: int, metrics: dict[str, jax.Array]) -> None:
-            """Log step `done`'s metrics; only steps that are logged wait for the device."""
-            if done == 1 and t.steps > 1:
-                jax.block_until_ready(metrics)
-                throughput.restart(tokens_per_step)  # step 1 holds the compilation
+        def settle(done: int, metrics: dict[str, jax.Array]) -> None:
+            """Read step `done`'s metrics (the device has the next step queued meanwhile), stop
+            on a non-finite loss or gradient, and log the steps that are logged."""
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+                ckpts.wait()
+                raise Diverged(_diverged_message(done, values, ckpts.steps()))
+            if done == first + 1 and t.steps > done:
+                throughput.restart(done * tokens_per_step)  # this step holds the compilation
             elif done % t.log_every == 0 or done == t.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 tokens = done * tokens_per_step
                 record = {"step": done, **values, "tokens": tokens, "time": time.time() - start}
                 record["tokens_per_s"] = throughput.read(tokens)
@@ -128,33 +178,71 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
+        every = exp.checkpoint.every
         try:
-            for s in range(t.steps):
-                done = s + 1
+            for done in range(first + 1, t.steps + 1):
                 trace.before(done)
                 state, metrics = train_step(state, next(train_batches))
                 trace.after(done, metrics)
                 if pending:
-                    report(*pending)
+                    settle(*pending)
                 pending = (done, metrics)
                 log.advance()
+                save_now = (every and done % every == 0) or done == t.steps or stop.requested
                 evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-                if done == 1 or evaluate_now:
-                    report(*pending)
+                if done == first + 1 or save_now or evaluate_now:
+                    settle(*pending)  # a checkpoint is written only after its loss is known finite
                     pending = None
+                if save_now:
+                    position = checkpoint.data_state(train_batches.get_state(), corpus.entry.name)
+                    ckpts.save(state, position, exp)
+                if stop.requested:
+                    ckpts.wait()
+                    log.close()
+                    _print(
+                        f"stopped by {stop.requested} at step {done} of {t.steps}; saved in "
+                        f"{ckpts.folder / str(done)}; run the same command to resume"
+                    )
+                    return last
                 if evaluate_now:
                     last.update(held_out(state["params"]))
                     log.write({"step": done, "eval_loss": last["eval_loss"], "eval_bpb": last["eval_bpb"]})
                     throughput.restart(done * tokens_per_step)
         finally:
             trace.stop()  # a trace an error cut short
+            ckpts.wait()  # a save in flight holds a good state: let it complete
+            ckpts.close()
         log.close()
-    print(
+    _print(
         f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "
-        f"{last['eval_bpb']:.4f} bits/byte ({workdir})",
-        file=sys.stderr,
+        f"{last['eval_bpb']:.4f} bits/byte ({workdir})"
     )
     return last
+
+
+def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int]) -> str:
+    kept = "no checkpoint was saved"
+    if saved_steps:
+        kept = f"the newest checkpoint, step {saved_steps[-1]}, is the last good state"
+    return (
+        f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}; stopped without "
+        f"saving it: {kept}. Lower optim.lr or raise optim.warmup_steps, then run again to resume"
+    )
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _tokenizer_of_warm_start(exp: config.Experiment) -> config.Experiment:
+    """A warm start keeps the tokenizer its parameters were trained with, unless told otherwise."""
+    source = exp.checkpoint.init_from
+    if not source or exp.data.tokenizer_path:
+        return exp
+    model = Path(source).absolute() / "tokenizer.model"
+    if not model.exists():
+        raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
+    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(model)))
 
 
 def _with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experiment:

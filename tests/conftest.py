@@ -1,5 +1,6 @@
 """8 emulated CPU devices, a shared compilation cache, one tokenized corpus per session."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -48,6 +49,28 @@ def tiny_experiment(flavour: str = "gpt2", *overrides: str) -> config.Experiment
         mesh=config.Mesh(data=1, fsdp=1, tensor=1),
     )
     return config.apply_overrides(exp, list(overrides))
+
+
+def tiny_train_argv(workdir: Path, *sets: str) -> list[str]:
+    """`python -m lmjax.train` arguments for a one-layer stdlib_tiny on the session's corpus."""
+    sets = (
+        f"data.vocab_size={TINY_DATA.vocab_size}",
+        f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.n_layers=1",
+        "model.seq_len=32",
+        "train.batch_size=8",
+        "train.eval_batches=1",
+        "train.progress=false",
+        *sets,
+    )
+    overrides = [a for s in sets for a in ("--set", s)]
+    return ["--experiment", "stdlib_tiny", "--workdir", str(workdir), *overrides]
+
+
+def metrics_of(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import TINY_DATA
+from conftest import TINY_DATA, metrics_of, tiny_train_argv
 
 from lmjax import config, flops
 from lmjax.train import main
@@ -101,37 +101,15 @@ def test_resolved_config_and_tokenizer_are_saved(run):
     )
 
 
-def _tiny_argv(workdir, *extra):
-    sets = [
-        f"data.vocab_size={TINY_DATA.vocab_size}",
-        f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
-        "model.d_model=32",
-        "model.n_heads=4",
-        "model.n_layers=1",
-        "model.seq_len=32",
-        "train.batch_size=8",
-        "train.eval_batches=1",
-        "train.progress=false",
-        *extra,
-    ]
-    return ["--experiment", "stdlib_tiny", "--workdir", str(workdir)] + [
-        a for s in sets for a in ("--set", s)
-    ]
-
-
-def _metrics(workdir):
-    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_no_mfu_without_a_known_peak(tmp_path):
-    assert main(_tiny_argv(tmp_path, "train.steps=3", "train.log_every=1")) == 0
-    lines = _metrics(tmp_path)
+    assert main(tiny_train_argv(tmp_path, "train.steps=3", "train.log_every=1")) == 0
+    lines = metrics_of(tmp_path)
     assert [r["step"] for r in lines if "loss" in r] == [2, 3]  # step 1 holds the compile time
     assert not any("mfu" in r for r in lines)
 
 
 def test_profile_steps_write_a_trace(tmp_path):
-    assert main(_tiny_argv(tmp_path, "train.steps=3", "train.profile_steps=[2,3]")) == 0
+    assert main(tiny_train_argv(tmp_path, "train.steps=3", "train.profile_steps=[2,3]")) == 0
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 1000
 
@@ -149,8 +127,8 @@ def test_a_trace_cut_short_by_an_error_is_stopped(tmp_path):
 
 
 def test_a_single_step_run_logs_its_step(tmp_path):
-    assert main(_tiny_argv(tmp_path, "train.steps=1")) == 0
-    assert [sorted(r) for r in _metrics(tmp_path)] == [
+    assert main(tiny_train_argv(tmp_path, "train.steps=1")) == 0
+    assert [sorted(r) for r in metrics_of(tmp_path)] == [
         ["grad_norm", "loss", "lr", "step", "time", "tokens", "tokens_per_s"],
         ["eval_bpb", "eval_loss", "step"],
     ]
@@ -168,7 +146,7 @@ def test_trains_on_a_mixture_of_jsonl_and_parquet(tmp_path):
         {"source": "jsonl", "path": str(tmp_path / "a.jsonl"), "weight": 3},
         {"source": "parquet", "path": str(tmp_path / "b.parquet"), "field": "body", "weight": 1},
     ]
-    argv = _tiny_argv(
+    argv = tiny_train_argv(
         tmp_path / "run",
         "data.source=mixture",
         f"data.mixture={json.dumps(mixture)}",
@@ -181,13 +159,13 @@ def test_trains_on_a_mixture_of_jsonl_and_parquet(tmp_path):
     assert main(argv) == 0
     saved = config.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
     assert [c.weight for c in saved.data.mixture] == [3, 1] and saved.data.mixture[1].field == "body"
-    evals = [r for r in _metrics(tmp_path / "run") if "eval_loss" in r]
+    evals = [r for r in metrics_of(tmp_path / "run") if "eval_loss" in r]
     assert evals[-1]["eval_loss"] < math.log(300) - 1.5  # it learned the repetitive corpora
 
 
-def test_a_workdir_with_a_run_is_not_overwritten(run, capsys):
+def test_a_workdir_with_a_run_is_not_overwritten_by_another_model(run, capsys):
     workdir, _, _ = run
     before = (workdir / "metrics.jsonl").read_text()
     assert main(["--experiment", "stdlib_tiny", "--workdir", str(workdir)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "model.d_model=192 but the checkpoint at step 80 was trained with 64" in capsys.readouterr().err
     assert (workdir / "metrics.jsonl").read_text() == before

@@ -1,0 +1,217 @@
+"""A run's checkpoints, on Orbax: `WORKDIR/checkpoints/<step>/` holds four items, saved and
+restored together:
+
+  params       the model's parameters, alone, so evaluation and generation skip the rest
+  train_state  optimizer state, step and RNG key
+  data         the loader's position (the batch the next step takes) and the corpus' cache key
+  config       the resolved experiment
+
+Saves are asynchronous: the arrays are copied off the devices before `save` returns, then
+written in the background into `<step>.orbax-checkpoint-tmp`, which is renamed into place only
+when every item is written. A killed save is therefore never listed, and its leftovers are
+removed when the next run opens the folder. Arrays are stored by tensorstore (zarr/OCDBT) and
+everything else as JSON: nothing in a checkpoint runs code when it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lmjax import config, sharding, step
+from lmjax.config import UserError
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Saved:
+    """A checkpoint's step and its JSON items, read before its arrays are."""
+
+    step: int
+    exp: config.Experiment
+    data: dict
+
+
+class Checkpoints:
+    """Save and restore the checkpoints of the run in `workdir`."""
+
+    def __init__(self, workdir: Path, cfg: config.Checkpoint | None = None, log: Log = print):
+        cfg = cfg or config.Checkpoint()
+        self.folder, self.log = Path(workdir).absolute() / "checkpoints", log
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            keep_period=cfg.keep_every or None,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,  # what a killed save left
+            create=False,
+        )
+        self._manager = ocp.CheckpointManager(self.folder, options=options)
+
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint folder, oldest first (their contents unchecked)."""
+        return sorted(self._manager.all_steps()) if self.folder.is_dir() else []
+
+    def newest_readable(self) -> Saved | None:
+        """The JSON items of the newest checkpoint whose JSON reads back: a cheap first look."""
+        for s in reversed(self.steps()):
+            try:
+                return self._read_json(s)
+            except Exception:  # noqa: BLE001 - restore_newest reports it
+                continue
+        return None
+
+    def save(self, state: step.State, data: dict, exp: config.Experiment) -> None:
+        """Start saving `state` (at its step) with the loader state `data`; returns once the
+        arrays are off the devices, so the next step may reuse (donate) their buffers."""
+        items = _pack(state)
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(items["params"]),
+            train_state=ocp.args.StandardSave(items["train_state"]),
+            data=ocp.args.JsonSave(data),
+            config=ocp.args.JsonSave(config.to_dict(exp)),
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._manager.save(int(jax.device_get(state["step"])), args=args, force=True)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def restore_newest(
+        self, target: Callable[[Saved], step.State], items: tuple[str, ...] = ("params", "train_state")
+    ) -> tuple[Saved, step.State] | None:
+        """The newest checkpoint that reads back whole, or None when there are none.
+
+        `target(saved)` gives the abstract state (shapes and shardings, on any mesh) to restore
+        into, and may raise UserError to refuse the checkpoint. A damaged checkpoint (empty,
+        truncated) is reported and the one before it tried; once an older one has restored,
+        the damaged newer ones are renamed `<step>.damaged` so later saves can take their
+        steps. With none readable the run stops (exit 2) and nothing is renamed."""
+        damaged: list[tuple[int, str]] = []
+        for s in reversed(self.steps()):
+            try:
+                saved = self._read_json(s)
+            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+                self._damaged(s, e, damaged)
+                continue
+            abstract = _pack(target(saved))  # a UserError here is the user's to fix: not damage
+            args = ocp.args.Composite(**{k: ocp.args.StandardRestore(abstract[k]) for k in items})
+            try:
+                restored = self._manager.restore(s, args=args)
+            except Exception as e:  # noqa: BLE001
+                self._damaged(s, e, damaged)
+                continue
+            for bad, _ in damaged:
+                self._set_aside(bad)
+            return saved, _unpack(restored)
+        if damaged:
+            listing = "; ".join(f"step {s}: {why}" for s, why in damaged)
+            raise UserError(
+                f"no usable checkpoint in {self.folder} ({listing}); restore a copy, or move the folder "
+                "away to start this run over"
+            )
+        return None
+
+    def _read_json(self, s: int) -> Saved:
+        json_items = ocp.args.Composite(data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+        items = self._manager.restore(s, args=json_items)
+        return Saved(s, config.from_dict(items["config"]), dict(items["data"]))
+
+    def _damaged(self, s: int, e: Exception, damaged: list[tuple[int, str]]) -> None:
+        damaged.append((s, _short(e)))
+        self.log(f"checkpoint {self.folder / str(s)} is damaged ({_short(e)}); trying the one before it")
+
+    def _set_aside(self, s: int) -> None:
+        src = self.folder / str(s)
+        dst = src.with_name(f"{s}.damaged")
+        n = 1
+        while dst.exists():
+            dst, n = src.with_name(f"{s}.damaged{n}"), n + 1
+        if jax.process_index() == 0 and src.exists():
+            src.rename(dst)
+            self.log(f"moved the damaged checkpoint {src} to {dst}")
+        self._manager.reload()
+
+
+def load_params(
+    workdir: str | Path,
+    mesh: jax.sharding.Mesh | None = None,
+    model: config.Model | None = None,
+    log: Log = print,
+) -> tuple[nnx.State, config.Experiment]:
+    """(parameters, resolved experiment) from the newest usable checkpoint of the run in
+    `workdir`, without reading its optimizer state.
+
+    `mesh`: lay them out on it by the experiment's rules (run inside `sharding.use`); default:
+    on the first device. `model`: restore into this model's dtypes instead of the saved one's,
+    after checking that every parameter has the same shape (a warm start). UserError (exit 2)
+    when there is no checkpoint or a shape differs."""
+    workdir = Path(workdir).absolute()
+    ckpts = Checkpoints(workdir, log=log)
+    if not ckpts.steps():
+        raise UserError(f"{workdir} holds no checkpoint; train a run there first (python -m lmjax.train)")
+
+    def target(saved: Saved) -> step.State:
+        _, abstract = step.abstract_model(saved.exp.model)
+        if model is not None:
+            _, ours = step.abstract_model(model)
+            _check_same_shapes(abstract, ours, f"{workdir} (step {saved.step})")
+            abstract = ours
+        if mesh is None:
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+        else:
+            shardings = sharding.state_shardings(abstract, mesh)
+        return {"params": step.with_shardings(abstract, shardings)}
+
+    try:
+        found = ckpts.restore_newest(target, items=("params",))
+    finally:
+        ckpts.close()
+    assert found is not None  # there were steps: restore_newest returned one or raised
+    saved, restored = found
+    return restored["params"], saved.exp
+
+
+def _check_same_shapes(saved: nnx.State, ours: nnx.State, where: str) -> None:
+    theirs = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(saved)}
+    mine = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(ours)}
+    for name in sorted(theirs.keys() | mine.keys()):
+        if theirs.get(name) != mine.get(name):
+            raise UserError(
+                f"checkpoint.init_from: parameter {name} has shape {theirs.get(name)} in {where} but "
+                f"{mine.get(name)} in this model; a warm start needs the same model.* shapes"
+            )
+
+
+def _pack(state: step.State) -> dict[str, Any]:
+    """The train state dict -> the checkpoint's array items (params apart from the rest)."""
+    return {"params": state["params"], "train_state": {k: v for k, v in state.items() if k != "params"}}
+
+
+def _unpack(restored: Any) -> step.State:
+    """Orbax's Composite result -> the train state dict."""
+    out = {"params": restored["params"]}
+    if "train_state" in restored:
+        out.update(restored["train_state"])
+    return out
+
+
+def _short(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def data_state(loader_state: dict, corpus_key: str) -> dict:
+    """The `data` item: where the loader is, and which tokenized corpus it walks."""
+    return {"loader": json.loads(json.dumps(loader_state)), "corpus": corpus_key}
