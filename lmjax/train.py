@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     """Train `exp` in `workdir`, resuming from its newest checkpoint if it has one; returns the
-    last logged metrics and held-out results."""
+    last logged metrics and held-out results. Once training starts, SIGTERM/SIGINT stop it
+    after the current step with a checkpoint (stop_signals); before, nothing is lost to them."""
     # jax and the model stack load only now, after the config has been checked.
     if exp.train.xla_flags:
         from lmjax import xla_flags
@@ -78,46 +79,14 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     if saved:  # fail fast, before any tokenizing, on a setting a resumed run cannot change
         config.check_resume(saved.exp, exp, saved.step, str(workdir))
     corpus = cache.load_or_build(exp.data, log=_print)
-    exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
-    if exp.model.max_segments == 0:  # size the packed attention kernel to this data
-        splits = corpus.splits("train") + corpus.splits("validation")
-        most = loader.max_segments(splits, exp.model.seq_len)
-        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
+    exp = _resolve_from_data(exp, corpus)
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
-
     m, t = exp.model, exp.train
     tx = optim.make(exp.optim, t.steps)
     with sharding.use(mesh, exp.mesh.rules):
-
-        def restore_target(saved: checkpoint.Saved) -> step.State:
-            for change in config.check_resume(saved.exp, exp, saved.step, str(workdir)):
-                _print(f"resuming with a changed optimizer setting: {change}")
-            if saved.data["corpus"] != corpus.entry.name:
-                raise UserError(
-                    f"the corpus differs from the one the checkpoint at step {saved.step} was trained on "
-                    f"(its files or tokenizer changed); restore them, or warm-start a new run from "
-                    f"{workdir} with checkpoint.init_from"
-                )
-            return step.abstract_state(exp, tx, mesh)[1]
-
-        resumed = ckpts.restore_newest(restore_target)
-        if resumed:
-            saved, state = resumed
-            graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
-            _print(f"resuming from step {saved.step} of {t.steps} ({ckpts.folder / str(saved.step)})")
-        else:
-            warm = None
-            if exp.checkpoint.init_from:
-                warm, _ = checkpoint.load_params(exp.checkpoint.init_from, mesh, model=m, log=_print)
-                _print(f"warm start from {exp.checkpoint.init_from}: its parameters, fresh optimizer, step 0")
-            graphdef, state, shardings = step.init_state(exp, tx, mesh, params=warm)
-        first = saved.step if resumed else 0
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
-    tmp.replace(workdir / "config.json")
-    corpus.tokenizer.save(workdir / "tokenizer.model")
+        graphdef, state, shardings, saved = _start_state(exp, workdir, corpus, ckpts, tx, mesh)
+    first = saved.step if saved else 0
+    _write_run_files(workdir, exp, corpus)
     if first == t.steps:
         _print(f"the run in {workdir} already reached train.steps={t.steps}; raise it to train on")
         ckpts.close()
@@ -142,7 +111,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
             t.seed,
             rows=sharding.host_rows(batch_sh, t.batch_size),
         )
-        if resumed:
+        if saved:
             source.set_state(saved.data["loader"])
         # The next batch goes to the devices while a step runs; its state is that of the batch
         # the next step takes, which is what a checkpoint must hold.
@@ -228,6 +197,61 @@ def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int
         f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}; stopped without "
         f"saving it: {kept}. Lower optim.lr or raise optim.warmup_steps, then run again to resume"
     )
+
+
+def _resolve_from_data(exp: config.Experiment, corpus: Any) -> config.Experiment:
+    """Fill in what the data decides: the vocabulary, and the documents per row that the
+    packed attention kernel is sized for."""
+    from lmjax.data import loader
+
+    exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
+    if exp.model.max_segments == 0:
+        splits = corpus.splits("train") + corpus.splits("validation")
+        most = loader.max_segments(splits, exp.model.seq_len)
+        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
+    return exp
+
+
+def _start_state(
+    exp: config.Experiment, workdir: Path, corpus: Any, ckpts: Any, tx: Any, mesh: Any
+) -> tuple[Any, dict, dict, Any]:
+    """(graphdef, state, shardings, the checkpoint resumed or None): the newest usable
+    checkpoint restored onto `mesh`, else a warm start from `checkpoint.init_from`, else a
+    fresh initialisation. Runs under `sharding.use(mesh, ...)`."""
+    from lmjax import checkpoint, step
+
+    def restore_target(saved: checkpoint.Saved) -> step.State:
+        for change in config.check_resume(saved.exp, exp, saved.step, str(workdir)):
+            _print(f"resuming with a changed optimizer setting: {change}")
+        if saved.data["corpus"] != corpus.entry.name:
+            raise UserError(
+                f"the corpus differs from the one the checkpoint at step {saved.step} was trained on "
+                f"(its files or tokenizer changed); restore them, or warm-start a new run from "
+                f"{workdir} with checkpoint.init_from"
+            )
+        return step.abstract_state(exp, tx, mesh)[1]
+
+    resumed = ckpts.restore_newest(restore_target)
+    if resumed:
+        saved, state = resumed
+        graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
+        _print(f"resuming from step {saved.step} of {exp.train.steps} ({ckpts.folder / str(saved.step)})")
+        return graphdef, state, shardings, saved
+    warm = None
+    if exp.checkpoint.init_from:
+        warm, _ = checkpoint.load_params(exp.checkpoint.init_from, mesh, model=exp.model, log=_print)
+        _print(f"warm start from {exp.checkpoint.init_from}: its parameters, fresh optimizer, step 0")
+    graphdef, state, shardings = step.init_state(exp, tx, mesh, params=warm)
+    return graphdef, state, shardings, None
+
+
+def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
+    """The resolved config (replaced whole, never half-written) and the tokenizer."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
+    tmp.replace(workdir / "config.json")
+    corpus.tokenizer.save(workdir / "tokenizer.model")
 
 
 def _print(message: str) -> None:

@@ -25,14 +25,16 @@ STAGES = ["env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_
 DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
 
 
-def _throughput_module():
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+def _benchmark(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # they import their neighbours (measure, throughput)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-throughput = _throughput_module()
+throughput = _benchmark("throughput")
+checkpoint_io = _benchmark("checkpoint_io")
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +213,28 @@ def test_max_segments_counts_documents_per_row():
     rows = np.array([[1, 1, 2, 3, 3, 3], [1, 1, 1, 1, 1, 1]], np.int32)
     assert throughput.max_segments([{"segment_ids": rows}, {"segment_ids": rows[1:]}]) == 3
     assert throughput.max_segments([{"inputs": rows}]) == 1  # plain batches: one document a row
+
+
+def test_checkpoint_io_records_a_state_it_saved_and_read_back(tmp_path):
+    """8 emulated devices as fsdp 8: a sharded state saved and restored twice."""
+    sets = [
+        a
+        for s in (
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_layers=2",
+            "model.vocab_size=512",
+            "mesh.fsdp=8",
+        )
+        for a in ("--set", s)
+    ]
+    assert (
+        checkpoint_io.main(["--experiment", "gpt2_124m", "--repeats", "2", "--out", str(tmp_path), *sets])
+        == 0
+    )
+    r = json.loads((tmp_path / "checkpoint_io-gpt2_124m-cpu8.json").read_text())
+    params = flops.count_params(config.from_dict(r["config"]).model)
+    assert r["state_bytes"] > 3 * 4 * params  # fp32 parameters and two moments, plus the step
+    assert r["disk_bytes"] > 0.5 * r["state_bytes"]  # trained-like moments do not compress away
+    assert 0 < r["blocking_s"] <= r["commit_s"] and r["restore_s"] > 0 and r["load_params_s"] > 0
+    assert len(r["all_s"]["commit"]) == 2 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}

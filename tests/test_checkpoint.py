@@ -139,15 +139,12 @@ def test_kill_during_an_async_save_then_resume(reference, tmp_path, capsys):
 
 def test_sigterm_saves_exits_0_and_resumes(reference, tmp_path, capsys):
     child = train_subprocess(tmp_path, "train.steps=400")
-    deadline = time.time() + 120
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and child.poll() is None:
-        lines = (
-            (tmp_path / "metrics.jsonl").read_text().splitlines()
-            if (tmp_path / "metrics.jsonl").exists()
-            else []
-        )
-        if len(lines) >= 2:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # step 3 was logged
+            child.send_signal(signal.SIGSTOP)  # so that it stops within a step or two of here
             child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGCONT)
             break
         time.sleep(0.005)
     _, err = child.communicate(timeout=120)
