@@ -141,6 +141,10 @@ class Checkpoints:
         if jax.process_index() == 0 and src.exists():
             src.rename(dst)
             self.log(f"moved the damaged checkpoint {src} to {dst}")
+        if jax.process_count() > 1:  # every process sees the rename before it lists steps again
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"lmjax set aside checkpoint {s}")
         self._manager.reload()
 
 
@@ -154,7 +158,7 @@ def load_params(
     `workdir`, without reading its optimizer state.
 
     `mesh`: lay them out on it by the experiment's rules (run inside `sharding.use`); default:
-    on the first device. `model`: restore into this model's dtypes instead of the saved one's,
+    on this process's first device. `model`: restore into this model's dtypes instead of the saved one's,
     after checking that every parameter has the same shape (a warm start). UserError (exit 2)
     when there is no checkpoint or a shape differs."""
     workdir = Path(workdir).absolute()
@@ -169,7 +173,9 @@ def load_params(
             _check_same_shapes(abstract, ours, f"{workdir} (step {saved.step})")
             abstract = ours
         if mesh is None:
-            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+            shardings = jax.tree.map(
+                lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract
+            )
         else:
             shardings = sharding.state_shardings(abstract, mesh)
         return {"params": step.with_shardings(abstract, shardings)}

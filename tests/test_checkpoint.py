@@ -5,6 +5,7 @@ The learning rate is constant after warm-up (`optim.min_lr_ratio=1`), so a run's
 do not depend on `train.steps`, and a short run can be compared with a long one step by step.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -134,6 +135,12 @@ def test_kill_during_an_async_save_then_resume(reference, tmp_path, capsys):
     assert not seen.exists()  # the next run cleared the leftovers
     resumed_from = int(capsys.readouterr().err.split("resuming from step ")[1].split()[0])
     assert resumed_from < killed_at  # the previous complete checkpoint
+    steps = [r["step"] for r in metrics_of(tmp_path) if "loss" in r]
+    assert steps == sorted(set(steps))  # one history: the redone steps' first lines moved aside
+    discarded = [
+        json.loads(x)["step"] for x in (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    ]
+    assert discarded and min(discarded) == resumed_from + 1
     assert_bitwise_equal(params_of(tmp_path), params_of(reference))
 
 
