@@ -206,3 +206,24 @@ def test_experiments_load_from_a_bare_checkout(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("gpt2_774m [") and "'stdlib_tiny'" in out.stdout
+
+
+def test_a_saved_config_read_back_resumes_without_changes():
+    """What a checkpoint stores (JSON) compares equal to the experiment it came from, mixtures,
+    rules and tuples included, so a plain resume reports no change."""
+    exp = config.apply_overrides(
+        config.load_experiment("llama_1b"),
+        [
+            "data.source=mixture",
+            'data.mixture=[{"source": "jsonl", "path": "/a", "weight": 3}, {"source": "stdlib"}]',
+            "train.profile_steps=[2,3]",
+        ],
+    )
+    saved = config.from_dict(json.loads(json.dumps(config.to_dict(exp))))
+    assert config.check_resume(saved, exp, 5, "DIR") == []
+    changed = config.apply_overrides(exp, ["optim.lr=1e-4", "train.steps=9000", "mesh.tensor=2"])
+    assert config.check_resume(saved, changed, 5, "DIR") == [f"optim.lr: {exp.optim.lr!r} -> 0.0001"]
+    with pytest.raises(config.UserError, match=r"data.mixture=.* but the checkpoint at step 5"):
+        config.check_resume(
+            saved, config.apply_overrides(exp, ['data.mixture=[{"source": "stdlib"}]']), 5, "D"
+        )
