@@ -43,14 +43,21 @@ class Saved:
 class Checkpoints:
     """Save and restore the checkpoints of the run in `workdir`."""
 
-    def __init__(self, workdir: Path, cfg: config.Checkpoint | None = None, log: Log = print):
+    def __init__(
+        self, workdir: Path, cfg: config.Checkpoint | None = None, log: Log = print, read_only: bool = False
+    ):
+        """`read_only`: for reading another run's checkpoints (it may be saving right now):
+        nothing is cleaned up, renamed or written."""
         cfg = cfg or config.Checkpoint()
-        self.folder, self.log = Path(workdir).absolute() / "checkpoints", log
+        self.folder, self.log, self.read_only = Path(workdir).absolute() / "checkpoints", log, read_only
+        keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
+        if cfg.keep_every:
+            keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            keep_period=cfg.keep_every or None,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
             enable_async_checkpointing=True,
-            cleanup_tmp_directories=True,  # what a killed save left
+            cleanup_tmp_directories=not read_only,  # what a killed save of this run left
+            read_only=read_only,
             create=False,
         )
         self._manager = ocp.CheckpointManager(self.folder, options=options)
@@ -95,14 +102,15 @@ class Checkpoints:
 
         `target(saved)` gives the abstract state (shapes and shardings, on any mesh) to restore
         into, and may raise UserError to refuse the checkpoint. A damaged checkpoint (empty,
-        truncated) is reported and the one before it tried; once an older one has restored,
-        the damaged newer ones are renamed `<step>.damaged` so later saves can take their
-        steps. With none readable the run stops (exit 2) and nothing is renamed."""
+        truncated, a file missing) is reported and the one before it tried; once an older one
+        has restored, the damaged newer ones are renamed `<step>.damaged` so later saves can
+        take their steps. With none readable the run stops (exit 2) and nothing is renamed. Any
+        other failure (memory, a shape that does not fit) stops at once, with nothing renamed."""
         damaged: list[tuple[int, str]] = []
         for s in reversed(self.steps()):
             try:
                 saved = self._read_json(s)
-            except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
+            except Exception as e:  # noqa: BLE001 - sorted by _is_damage
                 self._damaged(s, e, damaged)
                 continue
             abstract = _pack(target(saved))  # a UserError here is the user's to fix: not damage
@@ -112,8 +120,9 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001
                 self._damaged(s, e, damaged)
                 continue
-            for bad, _ in damaged:
-                self._set_aside(bad)
+            if not self.read_only:
+                for bad, _ in damaged:
+                    self._set_aside(bad)
             return saved, _unpack(restored)
         if damaged:
             listing = "; ".join(f"step {s}: {why}" for s, why in damaged)
@@ -129,8 +138,15 @@ class Checkpoints:
         return Saved(s, config.from_dict(items["config"]), dict(items["data"]))
 
     def _damaged(self, s: int, e: Exception, damaged: list[tuple[int, str]]) -> None:
+        """Note checkpoint `s` as damaged, or re-raise what is not damage as a UserError."""
+        where = self.folder / str(s)
+        if not _is_damage(e):
+            raise UserError(
+                f"could not restore {where} ({_short(e)}); its files look intact: fix the cause "
+                "(memory, a changed model) and run again"
+            ) from e
         damaged.append((s, _short(e)))
-        self.log(f"checkpoint {self.folder / str(s)} is damaged ({_short(e)}); trying the one before it")
+        self.log(f"checkpoint {where} is damaged ({_short(e)}); trying the one before it")
 
     def _set_aside(self, s: int) -> None:
         src = self.folder / str(s)
@@ -162,7 +178,7 @@ def load_params(
     after checking that every parameter has the same shape (a warm start). UserError (exit 2)
     when there is no checkpoint or a shape differs."""
     workdir = Path(workdir).absolute()
-    ckpts = Checkpoints(workdir, log=log)
+    ckpts = Checkpoints(workdir, log=log, read_only=True)  # that run may be saving right now
     if not ckpts.steps():
         raise UserError(f"{workdir} holds no checkpoint; train a run there first (python -m lmjax.train)")
 
@@ -213,11 +229,33 @@ def _unpack(restored: Any) -> step.State:
     return out
 
 
+# Failures that mean a checkpoint's files are missing or corrupt, as tensorstore, orbax and
+# json report them; anything else (out of memory, a shape mismatch) is not the files' fault.
+_DAMAGE_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError)
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def _is_damage(e: BaseException | None) -> bool:
+    while e is not None:
+        text = str(e).strip("'\"")
+        if isinstance(e, _DAMAGE_TYPES) or text.startswith(_DAMAGE_CODES):
+            return True
+        if isinstance(e, KeyError) and "was not found in the checkpoint" in text:  # an empty folder
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _short(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def data_state(loader_state: dict, corpus_key: str) -> dict:
-    """The `data` item: where the loader is, and which tokenized corpus it walks."""
-    return {"loader": json.loads(json.dumps(loader_state)), "corpus": corpus_key}
+def data_state(loader_state: dict, corpus: Any) -> dict:
+    """The `data` item: where the loader is, and which tokenized corpus it walks (the cache
+    entry's key, and `Corpus.identity`, which survives moving the files)."""
+    return {
+        "loader": json.loads(json.dumps(loader_state)),
+        "corpus": corpus.entry.name,
+        "identity": corpus.identity(),
+    }

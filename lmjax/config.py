@@ -376,10 +376,11 @@ def flat(exp: Experiment) -> dict[str, Any]:
     return out
 
 
-def check_resume(saved: Experiment, new: Experiment, step: int, warm_start_hint: str) -> list[str]:
-    """Raise UserError for a change a resumed run cannot take; return the allowed changes to
-    what it computes (optimizer settings), to be announced. `new.model.vocab_size=0` means the
-    tokenizer's, i.e. the saved one."""
+def check_resume(saved: Experiment, new: Experiment, step: int, what: str, warm_start_hint: str) -> list[str]:
+    """Raise UserError for a change from `saved` (`what`: the checkpoint at `step`, or a run's
+    config.json) that a resumed run cannot take; return the allowed changes to what it
+    computes (optimizer settings, the schedule's length), to be announced.
+    `new.model.vocab_size=0` means the tokenizer's, i.e. the saved one."""
     if new.model.vocab_size == 0:
         vocab = saved.model.vocab_size
         new = dataclasses.replace(new, model=dataclasses.replace(new.model, vocab_size=vocab))
@@ -388,14 +389,14 @@ def check_resume(saved: Experiment, new: Experiment, step: int, warm_start_hint:
     for key in changed:
         _require(
             key.startswith(RESUME_MAY_CHANGE),
-            f"{key}={after[key]!r} but the checkpoint at step {step} was trained with {before.get(key)!r}; "
-            f"a resumed run cannot change it: set it back, or start a new --workdir with "
+            f"{key}={after[key]!r} but {what} was trained with {before.get(key)!r}; a resumed run "
+            f"cannot change it: set it back, or start a new --workdir with "
             f"--set checkpoint.init_from={warm_start_hint} to begin from its parameters",
         )
     o, so = new.optim, saved.optim
     _require(
         o.name == so.name and (o.clip_norm > 0) == (so.clip_norm > 0),
-        f"optim.name={o.name}, optim.clip_norm={o.clip_norm} change the optimizer state the checkpoint "
+        f"optim.name={o.name}, optim.clip_norm={o.clip_norm} change the optimizer state {what} "
         f"holds (name {so.name}, clip_norm {so.clip_norm}); keep its optimizer or warm-start a new run",
     )
     _require(
@@ -403,7 +404,13 @@ def check_resume(saved: Experiment, new: Experiment, step: int, warm_start_hint:
         f"train.steps={new.train.steps} is below step {step} that this run already reached; "
         f"raise train.steps to continue it",
     )
-    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith("optim.")]
+    notes = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith("optim.")]
+    if "train.steps" in changed:
+        notes.append(
+            f"train.steps: {saved.train.steps} -> {new.train.steps} (the learning-rate schedule now "
+            f"ends at step {new.train.steps})"
+        )
+    return notes
 
 
 # --- checks that need no jax -----------------------------------------------------------------
@@ -475,6 +482,12 @@ def validate(exp: Experiment) -> None:
             all(t in (None, "data", "fsdp", "tensor") for t in targets),
             f"mesh.rules maps {name!r} to {target!r}; use data, fsdp, tensor, a list of them or null",
         )
+    ck = exp.checkpoint
+    _require(
+        ck.keep_every == 0 or (ck.every > 0 and ck.keep_every % ck.every == 0),
+        f"checkpoint.keep_every={ck.keep_every} is not a multiple of checkpoint.every={ck.every}, so "
+        "no checkpoint would fall on it; make it a multiple (or 0)",
+    )
     axes = [exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor]
     _require(
         all(a == -1 or a > 0 for a in axes) and axes.count(-1) <= 1,

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, the newest complete checkpoint kept
+        print("lmjax: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -73,11 +76,14 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
     workdir = workdir.absolute()
     config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
-    exp = _tokenizer_of_warm_start(exp)
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
     saved = ckpts.newest_readable()
-    if saved:  # fail fast, before any tokenizing, on a setting a resumed run cannot change
-        config.check_resume(saved.exp, exp, saved.step, str(workdir))
+    exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
+    # Fail fast, before any tokenizing, on a setting a resumed run cannot change.
+    if saved:
+        config.check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
+    elif (workdir / "config.json").exists():
+        config.check_resume(_read_config(workdir), exp, 0, "the run already in this workdir", str(workdir))
     corpus = cache.load_or_build(exp.data, log=_print)
     exp = _resolve_from_data(exp, corpus)
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
@@ -134,16 +140,18 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 ckpts.wait()
                 raise Diverged(_diverged_message(done, values, ckpts.steps()))
-            if done == first + 1 and t.steps > done:
-                throughput.restart(done * tokens_per_step)  # this step holds the compilation
-            elif done % t.log_every == 0 or done == t.steps:
+            compiled_here = done == first + 1 and t.steps > done  # this step holds the compilation
+            if done % t.log_every == 0 or done == t.steps:
                 tokens = done * tokens_per_step
                 record = {"step": done, **values, "tokens": tokens, "time": time.time() - start}
-                record["tokens_per_s"] = throughput.read(tokens)
-                if peak:
-                    record["mfu"] = flops.mfu(record["tokens_per_s"], m, mesh.devices.size, peak)
+                if not compiled_here:
+                    record["tokens_per_s"] = throughput.read(tokens)
+                    if peak:
+                        record["mfu"] = flops.mfu(record["tokens_per_s"], m, mesh.devices.size, peak)
                 log.write(record)
                 last.update(record)
+            if compiled_here:
+                throughput.restart(done * tokens_per_step)
 
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
@@ -157,20 +165,22 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
                     settle(*pending)
                 pending = (done, metrics)
                 log.advance()
-                save_now = (every and done % every == 0) or done == t.steps or stop.requested
+                save_due = (every and done % every == 0) or done == t.steps
                 evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-                if done == first + 1 or save_now or evaluate_now:
+                stopping = done < t.steps and _stop_agreed(stop.requested)  # at the last step: finish
+                if done == first + 1 or save_due or evaluate_now or stopping:
                     settle(*pending)  # a checkpoint is written only after its loss is known finite
                     pending = None
-                if save_now:
-                    position = checkpoint.data_state(train_batches.get_state(), corpus.entry.name)
-                    ckpts.save(state, position, exp)
-                if stop.requested:
+                    stopping = done < t.steps and _stop_agreed(stop.requested)  # a signal during that wait
+                if save_due or stopping:
+                    ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
+                if stopping:
                     ckpts.wait()
                     log.close()
+                    by = stop.requested or "a signal to another process"
                     _print(
-                        f"stopped by {stop.requested} at step {done} of {t.steps}; saved in "
-                        f"{ckpts.folder / str(done)}; run the same command to resume"
+                        f"stopped by {by} at step {done} of {t.steps}; saved in {ckpts.folder / str(done)}; "
+                        "run the same command to resume"
                     )
                     return last
                 if evaluate_now:
@@ -179,8 +189,8 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
                     throughput.restart(done * tokens_per_step)
         finally:
             trace.stop()  # a trace an error cut short
-            ckpts.wait()  # a save in flight holds a good state: let it complete
-            ckpts.close()
+            if not stop.interrupted:  # a second Ctrl-C: out at once (an unfinished save is never taken)
+                _finish_saving(ckpts)
         log.close()
     _print(
         f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "
@@ -221,14 +231,17 @@ def _start_state(
     from lmjax import checkpoint, step
 
     def restore_target(saved: checkpoint.Saved) -> step.State:
-        for change in config.check_resume(saved.exp, exp, saved.step, str(workdir)):
-            _print(f"resuming with a changed optimizer setting: {change}")
-        if saved.data["corpus"] != corpus.entry.name:
+        what = f"the checkpoint at step {saved.step}"
+        for change in config.check_resume(saved.exp, exp, saved.step, what, str(workdir)):
+            _print(f"resuming with a changed setting: {change}")
+        if saved.data["identity"] != corpus.identity():
             raise UserError(
-                f"the corpus differs from the one the checkpoint at step {saved.step} was trained on "
-                f"(its files or tokenizer changed); restore them, or warm-start a new run from "
-                f"{workdir} with checkpoint.init_from"
+                f"the corpus tokenizes differently from the one {what} was trained on (its files "
+                f"or tokenizer changed); restore them, or warm-start a new run from {workdir} with "
+                "checkpoint.init_from"
             )
+        if saved.data["corpus"] != corpus.entry.name:
+            _print(f"the corpus files moved or were touched since {what}, but tokenize the same")
         return step.abstract_state(exp, tx, mesh)[1]
 
     resumed = ckpts.restore_newest(restore_target)
@@ -247,10 +260,9 @@ def _start_state(
 
 def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
     """The resolved config (replaced whole, never half-written) and the tokenizer."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(json.dumps(config.to_dict(exp), indent=2) + "\n")
-    tmp.replace(workdir / "config.json")
+    from lmjax.data.tokenizer import write_atomic
+
+    write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
 
 
@@ -258,15 +270,55 @@ def _print(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _tokenizer_of_warm_start(exp: config.Experiment) -> config.Experiment:
-    """A warm start keeps the tokenizer its parameters were trained with, unless told otherwise."""
+def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool) -> config.Experiment:
+    """A warm start keeps the tokenizer its parameters were trained with (unless
+    data.tokenizer_path says otherwise), copied into this run's workdir when it starts, so
+    resuming it later does not depend on the other run's folder."""
     source = exp.checkpoint.init_from
     if not source or exp.data.tokenizer_path:
         return exp
-    model = Path(source).absolute() / "tokenizer.model"
-    if not model.exists():
-        raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
-    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(model)))
+    mine = workdir / "tokenizer.model"
+    if fresh:
+        theirs = Path(source).absolute() / "tokenizer.model"
+        if not theirs.exists():
+            raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
+        from lmjax.data.tokenizer import write_atomic
+
+        write_atomic(mine, theirs.read_bytes())
+    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
+
+
+def _read_config(workdir: Path) -> config.Experiment:
+    try:
+        return config.from_dict(json.loads((workdir / "config.json").read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"{workdir / 'config.json'} is not a config this lmjax can read ({e}); use a new --workdir"
+        ) from None
+
+
+def _stop_agreed(requested: str) -> bool:
+    """Whether to stop now. With several processes a signal may reach only some of them, yet
+    all must stop (and save) at the same step, or the others would wait forever in the next
+    step's collectives: they agree, with one small all-gather."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(requested)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(requested)))))
+
+
+def _finish_saving(ckpts: Any) -> None:
+    """Let a save in flight (a good state) complete; a failure here is reported, not raised
+    over the error that ended the loop."""
+    try:
+        ckpts.wait()
+        ckpts.close()
+    except Exception as e:  # noqa: BLE001
+        _print(f"lmjax: warning: the last checkpoint save failed: {type(e).__name__}: {e}")
 
 
 def _with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experiment:

@@ -106,6 +106,11 @@ BAD = [
     (["--set", "optim.b2=1"], "optim.b2=1.0 must be in [0, 1)"),
     (["--set", 'mesh.rules=[["batch", "data"]]'], "mesh.rules has no rule for ['act_batch'"),
     (["--set", "mesh.rules=[[oops"], "mesh.rules='[[oops' is not a valid"),
+    (
+        ["--set", "checkpoint.keep_every=700"],
+        "checkpoint.keep_every=700 is not a multiple of checkpoint.every=500",
+    ),
+    (["--set", "checkpoint.keep=0"], "checkpoint.keep=0 must be positive"),
 ]
 
 
@@ -220,10 +225,17 @@ def test_a_saved_config_read_back_resumes_without_changes():
         ],
     )
     saved = config.from_dict(json.loads(json.dumps(config.to_dict(exp))))
-    assert config.check_resume(saved, exp, 5, "DIR") == []
+    assert config.check_resume(saved, exp, 5, "the checkpoint", "DIR") == []
     changed = config.apply_overrides(exp, ["optim.lr=1e-4", "train.steps=9000", "mesh.tensor=2"])
-    assert config.check_resume(saved, changed, 5, "DIR") == [f"optim.lr: {exp.optim.lr!r} -> 0.0001"]
-    with pytest.raises(config.UserError, match=r"data.mixture=.* but the checkpoint at step 5"):
+    assert config.check_resume(saved, changed, 5, "the checkpoint", "DIR") == [
+        f"optim.lr: {exp.optim.lr!r} -> 0.0001",
+        f"train.steps: {exp.train.steps} -> 9000 (the learning-rate schedule now ends at step 9000)",
+    ]
+    with pytest.raises(config.UserError, match=r"data.mixture=.* but the checkpoint was trained with"):
         config.check_resume(
-            saved, config.apply_overrides(exp, ['data.mixture=[{"source": "stdlib"}]']), 5, "D"
+            saved,
+            config.apply_overrides(exp, ['data.mixture=[{"source": "stdlib"}]']),
+            5,
+            "the checkpoint",
+            "D",
         )

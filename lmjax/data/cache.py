@@ -63,6 +63,17 @@ class Corpus:
         """Split `name` of each corpus, in the order of `weights`."""
         return [part[name] for part in self.parts]
 
+    def identity(self) -> str:
+        """What training on this corpus depends on, read cheaply: the tokenizer, and per corpus
+        and split the token count and every document's start. Unlike the cache key, it does
+        not change when the files move to another folder or machine."""
+        h = hashlib.sha256(self.tokenizer.model_proto)
+        for part in self.parts:
+            for name in SPLITS:
+                h.update(f"{name}:{len(part[name])}:".encode())
+                h.update(np.ascontiguousarray(part[name].starts, np.int64).tobytes())
+        return h.hexdigest()[:20]
+
 
 def cache_root(cfg: Data) -> Path:
     return Path(cfg.cache_dir or os.environ.get("LMJAX_CACHE") or Path.home() / ".cache" / "lmjax")
