@@ -1,14 +1,14 @@
 """`python -m lmjax.train --experiment NAME_OR_PATH --workdir DIR [--set key=value ...]`
 
 Loads the experiment, applies overrides and checks them before jax is imported (a bad config
-exits 2 in well under a second), then builds the mesh, data, sharded state and jitted step,
-and trains, logging to DIR/metrics.jsonl.
+exits 2 in well under a second), then builds the mesh, data, sharded state (resumed from DIR's
+newest checkpoint where there is one: resume.py) and jitted step, and trains, logging to
+DIR/metrics.jsonl and saving checkpoints (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -68,7 +68,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         xla_flags.apply(log=_print)
     import jax
 
-    from lmjax import checkpoint, flops, optim, sharding, step
+    from lmjax import checkpoint, flops, optim, resume, sharding, step
     from lmjax.data import cache, loader
     from lmjax.evaluate import HeldOut
     from lmjax.metrics import Logger, StepTrace, Throughput
@@ -77,20 +77,14 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     workdir = workdir.absolute()
     config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
-    saved = ckpts.newest_readable()
-    exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
-    # Fail fast, before any tokenizing, on a setting a resumed run cannot change.
-    if saved:
-        config.check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
-    elif (workdir / "config.json").exists():
-        config.check_resume(_read_config(workdir), exp, 0, "the run already in this workdir", str(workdir))
+    exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
     corpus = cache.load_or_build(exp.data, log=_print)
-    exp = _resolve_from_data(exp, corpus)
+    exp = resume.resolve_from_data(exp, corpus)
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
     m, t = exp.model, exp.train
     tx = optim.make(exp.optim, t.steps)
     with sharding.use(mesh, exp.mesh.rules):
-        graphdef, state, shardings, saved = _start_state(exp, workdir, corpus, ckpts, tx, mesh)
+        graphdef, state, shardings, saved = resume.start_state(exp, workdir, corpus, ckpts, tx, mesh, _print)
     first = saved.step if saved else 0
     _write_run_files(workdir, exp, corpus)
     if first == t.steps:
@@ -209,55 +203,6 @@ def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int
     )
 
 
-def _resolve_from_data(exp: config.Experiment, corpus: Any) -> config.Experiment:
-    """Fill in what the data decides: the vocabulary, and the documents per row that the
-    packed attention kernel is sized for."""
-    from lmjax.data import loader
-
-    exp = _with_vocab(exp, corpus.tokenizer.vocab_size)
-    if exp.model.max_segments == 0:
-        splits = corpus.splits("train") + corpus.splits("validation")
-        most = loader.max_segments(splits, exp.model.seq_len)
-        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
-    return exp
-
-
-def _start_state(
-    exp: config.Experiment, workdir: Path, corpus: Any, ckpts: Any, tx: Any, mesh: Any
-) -> tuple[Any, dict, dict, Any]:
-    """(graphdef, state, shardings, the checkpoint resumed or None): the newest usable
-    checkpoint restored onto `mesh`, else a warm start from `checkpoint.init_from`, else a
-    fresh initialisation. Runs under `sharding.use(mesh, ...)`."""
-    from lmjax import checkpoint, step
-
-    def restore_target(saved: checkpoint.Saved) -> step.State:
-        what = f"the checkpoint at step {saved.step}"
-        for change in config.check_resume(saved.exp, exp, saved.step, what, str(workdir)):
-            _print(f"resuming with a changed setting: {change}")
-        if saved.data["identity"] != corpus.identity():
-            raise UserError(
-                f"the corpus tokenizes differently from the one {what} was trained on (its files "
-                f"or tokenizer changed); restore them, or warm-start a new run from {workdir} with "
-                "checkpoint.init_from"
-            )
-        if saved.data["corpus"] != corpus.entry.name:
-            _print(f"the corpus files moved or were touched since {what}, but tokenize the same")
-        return step.abstract_state(exp, tx, mesh)[1]
-
-    resumed = ckpts.restore_newest(restore_target)
-    if resumed:
-        saved, state = resumed
-        graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
-        _print(f"resuming from step {saved.step} of {exp.train.steps} ({ckpts.folder / str(saved.step)})")
-        return graphdef, state, shardings, saved
-    warm = None
-    if exp.checkpoint.init_from:
-        warm, _ = checkpoint.load_params(exp.checkpoint.init_from, mesh, model=exp.model, log=_print)
-        _print(f"warm start from {exp.checkpoint.init_from}: its parameters, fresh optimizer, step 0")
-    graphdef, state, shardings = step.init_state(exp, tx, mesh, params=warm)
-    return graphdef, state, shardings, None
-
-
 def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
     """The resolved config (replaced whole, never half-written) and the tokenizer."""
     from lmjax.data.tokenizer import write_atomic
@@ -268,33 +213,6 @@ def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None
 
 def _print(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool) -> config.Experiment:
-    """A warm start keeps the tokenizer its parameters were trained with (unless
-    data.tokenizer_path says otherwise), copied into this run's workdir when it starts, so
-    resuming it later does not depend on the other run's folder."""
-    source = exp.checkpoint.init_from
-    if not source or exp.data.tokenizer_path:
-        return exp
-    mine = workdir / "tokenizer.model"
-    if fresh:
-        theirs = Path(source).absolute() / "tokenizer.model"
-        if not theirs.exists():
-            raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
-        from lmjax.data.tokenizer import write_atomic
-
-        write_atomic(mine, theirs.read_bytes())
-    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
-
-
-def _read_config(workdir: Path) -> config.Experiment:
-    try:
-        return config.from_dict(json.loads((workdir / "config.json").read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise UserError(
-            f"{workdir / 'config.json'} is not a config this lmjax can read ({e}); use a new --workdir"
-        ) from None
 
 
 def _stop_agreed(requested: str) -> bool:
@@ -319,18 +237,6 @@ def _finish_saving(ckpts: Any) -> None:
         ckpts.close()
     except Exception as e:  # noqa: BLE001
         _print(f"lmjax: warning: the last checkpoint save failed: {type(e).__name__}: {e}")
-
-
-def _with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experiment:
-    """Fill model.vocab_size from the tokenizer, or check an explicit one can hold it."""
-    if exp.model.vocab_size == 0:
-        return dataclasses.replace(exp, model=dataclasses.replace(exp.model, vocab_size=tokenizer_vocab))
-    if exp.model.vocab_size < tokenizer_vocab:
-        raise UserError(
-            f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer_vocab} pieces; set model.vocab_size=0 to take the tokenizer's"
-        )
-    return exp
 
 
 if __name__ == "__main__":

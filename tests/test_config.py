@@ -180,12 +180,12 @@ def test_module_entry_point_exit_code(tmp_path):
 
 
 def test_vocab_smaller_than_tokenizer_is_a_user_error():
-    from lmjax.train import _with_vocab
+    from lmjax.resume import with_vocab
 
     exp = config.load_experiment("stdlib_tiny")
     with pytest.raises(UserError, match="model.vocab_size=100 is smaller than the tokenizer's 2048"):
-        _with_vocab(config.apply_overrides(exp, ["model.vocab_size=100"]), 2048)
-    assert _with_vocab(exp, 2048).model.vocab_size == 2048
+        with_vocab(config.apply_overrides(exp, ["model.vocab_size=100"]), 2048)
+    assert with_vocab(exp, 2048).model.vocab_size == 2048
 
 
 def test_tensor_axis_must_divide_the_padded_vocabulary():

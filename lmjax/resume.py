@@ -1,0 +1,121 @@
+"""Starting a run in its workdir: resume it from its newest checkpoint, warm-start it from
+another run's parameters, or begin afresh; and the checks that keep a resumed run the run it
+was (config, tokenizer, corpus)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmjax import config
+from lmjax.config import UserError
+
+
+def check_workdir(exp: config.Experiment, workdir: Path, ckpts: Any) -> config.Experiment:
+    """Before any tokenizing: refuse a setting a resumed run cannot change (against the newest
+    checkpoint, or the config.json of a run that has none yet), and point a warm start at its
+    tokenizer. Returns the experiment with that tokenizer filled in."""
+    saved = ckpts.newest_readable()
+    exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
+    if saved:
+        config.check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
+    elif (workdir / "config.json").exists():
+        config.check_resume(_read_config(workdir), exp, 0, "the run already in this workdir", str(workdir))
+    return exp
+
+
+def resolve_from_data(exp: config.Experiment, corpus: Any) -> config.Experiment:
+    """Fill in what the data decides: the vocabulary, and the documents per row that the
+    packed attention kernel is sized for."""
+    from lmjax.data import loader
+
+    exp = with_vocab(exp, corpus.tokenizer.vocab_size)
+    if exp.model.max_segments == 0:
+        splits = corpus.splits("train") + corpus.splits("validation")
+        most = loader.max_segments(splits, exp.model.seq_len)
+        exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=most))
+    return exp
+
+
+def start_state(
+    exp: config.Experiment,
+    workdir: Path,
+    corpus: Any,
+    ckpts: Any,
+    tx: Any,
+    mesh: Any,
+    log: Callable[[str], None],
+) -> tuple[Any, dict, dict, Any]:
+    """(graphdef, state, shardings, the checkpoint resumed or None): the newest usable
+    checkpoint restored onto `mesh`, else a warm start from `checkpoint.init_from`, else a
+    fresh initialisation. Runs under `sharding.use(mesh, ...)`."""
+    from lmjax import checkpoint, step
+
+    def restore_target(saved: checkpoint.Saved) -> step.State:
+        what = f"the checkpoint at step {saved.step}"
+        for change in config.check_resume(saved.exp, exp, saved.step, what, str(workdir)):
+            log(f"resuming with a changed setting: {change}")
+        if saved.data["identity"] != corpus.identity():
+            raise UserError(
+                f"the corpus tokenizes differently from the one {what} was trained on (its files "
+                f"or tokenizer changed); restore them, or warm-start a new run from {workdir} with "
+                "checkpoint.init_from"
+            )
+        if saved.data["corpus"] != corpus.entry.name:
+            log(f"the corpus files moved or were touched since {what}, but tokenize the same")
+        return step.abstract_state(exp, tx, mesh)[1]
+
+    resumed = ckpts.restore_newest(restore_target)
+    if resumed:
+        saved, state = resumed
+        graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
+        log(f"resuming from step {saved.step} of {exp.train.steps} ({ckpts.folder / str(saved.step)})")
+        return graphdef, state, shardings, saved
+    warm = None
+    if exp.checkpoint.init_from:
+        warm, _ = checkpoint.load_params(exp.checkpoint.init_from, mesh, model=exp.model, log=log)
+        log(f"warm start from {exp.checkpoint.init_from}: its parameters, fresh optimizer, step 0")
+    graphdef, state, shardings = step.init_state(exp, tx, mesh, params=warm)
+    return graphdef, state, shardings, None
+
+
+def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool) -> config.Experiment:
+    """A warm start keeps the tokenizer its parameters were trained with (unless
+    data.tokenizer_path says otherwise), copied into this run's workdir when it starts, so
+    resuming it later does not depend on the other run's folder."""
+    source = exp.checkpoint.init_from
+    if not source or exp.data.tokenizer_path:
+        return exp
+    mine = workdir / "tokenizer.model"
+    if fresh:
+        theirs = Path(source).absolute() / "tokenizer.model"
+        if not theirs.exists():
+            raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
+        from lmjax.data.tokenizer import write_atomic
+
+        write_atomic(mine, theirs.read_bytes())
+    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
+
+
+def _read_config(workdir: Path) -> config.Experiment:
+    try:
+        return config.from_dict(json.loads((workdir / "config.json").read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"{workdir / 'config.json'} is not a config this lmjax can read ({e}); use a new --workdir"
+        ) from None
+
+
+def with_vocab(exp: config.Experiment, tokenizer_vocab: int) -> config.Experiment:
+    """Fill model.vocab_size from the tokenizer, or check an explicit one can hold it."""
+    if exp.model.vocab_size == 0:
+        return dataclasses.replace(exp, model=dataclasses.replace(exp.model, vocab_size=tokenizer_vocab))
+    if exp.model.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"model.vocab_size={exp.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer_vocab} pieces; set model.vocab_size=0 to take the tokenizer's"
+        )
+    return exp
