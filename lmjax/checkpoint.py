@@ -255,7 +255,7 @@ def data_state(loader_state: dict, corpus: Any) -> dict:
     """The `data` item: where the loader is, and which tokenized corpus it walks (the cache
     entry's key, and `Corpus.identity`, which survives moving the files)."""
     return {
-        "loader": json.loads(json.dumps(loader_state)),
+        "loader": json.loads(json.dumps(loader_state)),  # fails here, not in the background save
         "corpus": corpus.entry.name,
         "identity": corpus.identity(),
     }

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmjax.atomic import write_atomic
+
 
 class Logger:
     """Appends to metrics.jsonl, which keeps one consistent history: a run that restarts at
@@ -57,9 +59,7 @@ def _discard_after(path: Path, step: int, discarded: Path) -> None:
         return
     with discarded.open("a") as f:
         f.writelines(later)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line for line in lines if _step_of(line) <= step))
-    tmp.replace(path)  # whole or not at all
+    write_atomic(path, "".join(line for line in lines if _step_of(line) <= step).encode())
 
 
 def _step_of(line: str) -> float:

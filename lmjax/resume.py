@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmjax import config
+from lmjax.atomic import write_atomic
 from lmjax.config import UserError
 
 
@@ -66,12 +67,12 @@ def start_state(
             )
         if saved.data["corpus"] != corpus.entry.name:
             log(f"the corpus files moved or were touched since {what}, but tokenize the same")
-        return step.abstract_state(exp, tx, mesh)[1]
+        return abstract
 
+    graphdef, abstract, shardings = step.abstract_state(exp, tx, mesh)
     resumed = ckpts.restore_newest(restore_target)
     if resumed:
         saved, state = resumed
-        graphdef, _, shardings = step.abstract_state(exp, tx, mesh)
         log(f"resuming from step {saved.step} of {exp.train.steps} ({ckpts.folder / str(saved.step)})")
         return graphdef, state, shardings, saved
     warm = None
@@ -94,8 +95,6 @@ def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool)
         theirs = Path(source).absolute() / "tokenizer.model"
         if not theirs.exists():
             raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
-        from lmjax.data.tokenizer import write_atomic
-
         write_atomic(mine, theirs.read_bytes())
     return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmjax import config
+from lmjax.atomic import write_atomic
 from lmjax.config import UserError
 from lmjax.flops import count_params
 
@@ -205,8 +206,6 @@ def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int
 
 def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
     """The resolved config (replaced whole, never half-written) and the tokenizer."""
-    from lmjax.data.tokenizer import write_atomic
-
     write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
 

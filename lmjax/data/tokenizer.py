@@ -14,13 +14,13 @@ from __future__ import annotations
 import heapq
 import io
 import itertools
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 
 from lmjax import config
+from lmjax.atomic import write_atomic
 from lmjax.config import UserError
 
 BOS_ID, EOS_ID = 1, 2
@@ -193,11 +193,3 @@ def train(texts: list[str], cfg: config.Data, seed: int = 0) -> Tokenizer:
             f"tokenizer training failed ({e}); change data.vocab_size as it says, or add text"
         ) from None
     return Tokenizer(model.getvalue())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
