@@ -4,6 +4,7 @@ restored together:
   params       the model's parameters, alone, so evaluation and generation skip the rest
   train_state  optimizer state, step and RNG key
   data         the loader's position (the batch the next step takes) and the corpus' cache key
+               and identity (`Corpus.identity`)
   config       the resolved experiment
 
 Saves are asynchronous: the arrays are copied off the devices before `save` returns, then
@@ -257,5 +258,5 @@ def data_state(loader_state: dict, corpus: Any) -> dict:
     return {
         "loader": json.loads(json.dumps(loader_state)),  # fails here, not in the background save
         "corpus": corpus.entry.name,
-        "identity": corpus.identity(),
+        "identity": corpus.identity,
     }

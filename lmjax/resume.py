@@ -59,7 +59,7 @@ def start_state(
         what = f"the checkpoint at step {saved.step}"
         for change in config.check_resume(saved.exp, exp, saved.step, what, str(workdir)):
             log(f"resuming with a changed setting: {change}")
-        if saved.data["identity"] != corpus.identity():
+        if saved.data["identity"] != corpus.identity:
             raise UserError(
                 f"the corpus tokenizes differently from the one {what} was trained on (its files "
                 f"or tokenizer changed); restore them, or warm-start a new run from {workdir} with "
@@ -69,8 +69,10 @@ def start_state(
             log(f"the corpus files moved or were touched since {what}, but tokenize the same")
         return abstract
 
-    graphdef, abstract, shardings = step.abstract_state(exp, tx, mesh)
-    resumed = ckpts.restore_newest(restore_target)
+    resumed = None
+    if ckpts.steps():  # the restore target, built only when there is something to restore
+        graphdef, abstract, shardings = step.abstract_state(exp, tx, mesh)
+        resumed = ckpts.restore_newest(restore_target)
     if resumed:
         saved, state = resumed
         log(f"resuming from step {saved.step} of {exp.train.steps} ({ckpts.folder / str(saved.step)})")

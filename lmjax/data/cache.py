@@ -11,6 +11,7 @@ build is never read; the next build removes any temporary folder whose lock is f
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -63,10 +64,12 @@ class Corpus:
         """Split `name` of each corpus, in the order of `weights`."""
         return [part[name] for part in self.parts]
 
+    @functools.cached_property
     def identity(self) -> str:
-        """What training on this corpus depends on, read cheaply: the tokenizer, and per corpus
-        and split the token count and every document's start. Unlike the cache key, it does
-        not change when the files move to another folder or machine."""
+        """What training on this corpus depends on: the tokenizer, and per corpus and split the
+        token count and every document's start. Unlike the cache key, it does not change when
+        the files move to another folder or machine. Worked out once (the starts of a large
+        corpus are many), then read at every checkpoint."""
         h = hashlib.sha256(self.tokenizer.model_proto)
         for part in self.parts:
             for name in SPLITS:
