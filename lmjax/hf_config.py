@@ -1,0 +1,144 @@
+"""lmjax's `config.Model` as a Hugging Face `config.json` (GPT2LMHeadModel, LlamaForCausalLM) and
+back. Import refuses, as a UserError (exit 2), any setting lmjax's model cannot compute."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmjax import config
+from lmjax.config import UserError
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+# GPT-2's "gelu_new" is the tanh approximation, which is jax.nn.gelu's default (approximate=True).
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
+    """The `config.json` of `m` for transformers; `dtype`: the stored tensors' (float32|bfloat16)."""
+    common = {
+        "architectures": [ARCHITECTURES[m.flavour]],
+        "model_type": m.flavour,
+        "vocab_size": m.vocab_size,  # the tokenizer's, without lmjax's padding
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "tie_word_embeddings": m.tied,
+        "initializer_range": m.init_std,
+        "use_cache": True,
+        "torch_dtype": TORCH_DTYPES[dtype],
+    }
+    if m.flavour == "gpt2":
+        if m.kv_heads != m.n_heads:
+            raise UserError(
+                f"model.n_kv_heads={m.n_kv_heads} with flavour gpt2: GPT2LMHeadModel has no grouped-query "
+                "attention, so this model cannot be exported in its layout"
+            )
+        return common | {
+            "n_layer": m.n_layers,
+            "n_head": m.n_heads,
+            "n_embd": m.d_model,
+            "n_inner": m.ff_dim,
+            "n_positions": m.seq_len,
+            "n_ctx": m.seq_len,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+        }
+    return common | {
+        "hidden_size": m.d_model,
+        "intermediate_size": m.ff_dim,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+    }
+
+
+def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.Model:
+    """The lmjax model of a Hugging Face `config.json` (read from `where`)."""
+    archs = cfg.get("architectures") or []
+    flavours = [f for f, a in ARCHITECTURES.items() if a in archs]
+    if not flavours:
+        raise UserError(
+            f"{where}: architectures={archs} is not one lmjax reads; it reads "
+            f"{sorted(ARCHITECTURES.values())} checkpoints"
+        )
+    flavour = flavours[0]
+    if flavour == "gpt2":
+        _refuse(cfg, where, "activation_function", lambda v: v in GELU_TANH, "gelu_new")
+        _refuse(cfg, where, "scale_attn_weights", lambda v: v in (None, True), True)
+        for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+            _refuse(cfg, where, key, lambda v: not v, False)
+        d_model = _int(cfg, where, "n_embd")
+        fields = dict(
+            n_layers=_int(cfg, where, "n_layer"),
+            n_heads=_int(cfg, where, "n_head"),
+            d_ff=cfg.get("n_inner") or 4 * d_model,
+            seq_len=_int(cfg, where, "n_positions"),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        )
+    else:
+        _refuse(cfg, where, "hidden_act", lambda v: v in (None, "silu"), "silu")
+        for key in ("attention_bias", "mlp_bias", "rope_scaling"):
+            _refuse(cfg, where, key, lambda v: not v, None)
+        rope = cfg.get("rope_parameters") or {}
+        _refuse(
+            rope, where, "rope_parameters.rope_type", lambda v: v in (None, "default"), "default", "rope_type"
+        )
+        _refuse(cfg, where, "partial_rotary_factor", lambda v: v in (None, 1, 1.0), 1.0)
+        _refuse(cfg, where, "sliding_window", lambda v: v is None, None)
+        d_model, n_heads = _int(cfg, where, "hidden_size"), _int(cfg, where, "num_attention_heads")
+        _refuse(cfg, where, "head_dim", lambda v: v in (None, d_model // n_heads), d_model // n_heads)
+        fields = dict(
+            n_layers=_int(cfg, where, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            d_ff=_int(cfg, where, "intermediate_size"),
+            seq_len=_int(cfg, where, "max_position_embeddings"),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    m = config.Model(
+        flavour=flavour,
+        vocab_size=_int(cfg, where, "vocab_size"),
+        d_model=d_model,
+        param_dtype=param_dtype,
+        init_std=float(cfg.get("initializer_range", 0.02)),
+        **fields,
+    )
+    try:
+        config.validate(config.Experiment(model=m))
+    except UserError as e:
+        raise UserError(f"{where} describes a model lmjax cannot build: {e}") from None
+    return m
+
+
+def _int(cfg: dict[str, Any], where: str, key: str) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or value <= 0:
+        raise UserError(f"{where}: {key}={value!r} should be a positive integer")
+    return value
+
+
+def _refuse(cfg: dict, where: str, shown: str, ok: Any, wanted: Any, key: str | None = None) -> None:
+    value = cfg.get(key or shown)
+    if not ok(value):
+        raise UserError(
+            f"{where}: {shown}={value!r} is not supported by lmjax's model (it computes {wanted!r})"
+        )

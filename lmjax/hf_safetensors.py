@@ -1,0 +1,121 @@
+"""safetensors files written one tensor at a time, and read one tensor at a time.
+
+`safetensors.numpy.save_file` needs every tensor of a file in memory at once. The format is a
+little-endian u64 header length, a JSON header (names, dtypes, shapes, byte offsets) padded with
+spaces to 8 bytes, then the raw data: since every shape is known before any value is, `Writer`
+writes the header first (laid out exactly as the safetensors library lays it out: by dtype
+size, then name; the tests compare the bytes) and then each tensor into its place as it comes,
+in any order. Reading uses the library itself (`safe_open`, numpy).
+
+Above `shard_bytes` the tensors go into `model-0000k-of-0000n.safetensors` files with a
+`model.safetensors.index.json`, filled in the order given, as `save_pretrained` shards them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from lmjax.config import UserError
+
+DTYPES = {"float32": ("F32", np.dtype(np.float32)), "bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16))}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Writer:
+    """Writes the tensors `plan` lists (name, shape), all in `dtype`, into `folder`."""
+
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: str, shard_bytes: int):
+        self.code, self.dtype = DTYPES[dtype]
+        sizes = [int(np.prod(shape)) * self.dtype.itemsize for _, shape in plan]
+        shards: list[list[int]] = [[]]
+        for i, size in enumerate(sizes):
+            if shards[-1] and sum(sizes[j] for j in shards[-1]) + size > shard_bytes:
+                shards.append([])
+            shards[-1].append(i)
+        n = len(shards)
+        names = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.where: dict[str, tuple[Path, int, tuple[int, ...]]] = {}  # name -> file, offset, shape
+        self.files = [folder / name for name in names]
+        for path, shard in zip(self.files, shards, strict=True):
+            self._start_file(path, [(plan[i][0], plan[i][1], sizes[i]) for i in shard])
+        if n > 1:
+            index = {
+                "metadata": {"total_size": sum(sizes)},
+                "weight_map": {
+                    plan[i][0]: path.name for path, s in zip(self.files, shards, strict=True) for i in s
+                },
+            }
+            (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        self._open: dict[Path, object] = {path: path.open("r+b") for path in self.files}
+        self.left = {name for name, _ in plan}
+
+    def _start_file(self, path: Path, tensors: list[tuple[str, tuple[int, ...], int]]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers checks "format"
+        offset = 0
+        for name, shape, size in sorted(tensors, key=lambda t: t[0]):  # one dtype: by name
+            header[name] = {"dtype": self.code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        start = 8 + len(text)
+        with path.open("wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            f.truncate(start + offset)
+        for name, shape, _ in tensors:
+            self.where[name] = (path, start + header[name]["data_offsets"][0], shape)  # type: ignore[index]
+
+    def write(self, name: str, x: np.ndarray) -> None:
+        path, offset, shape = self.where[name]
+        if x.shape != shape:
+            raise ValueError(f"{name}: shape {x.shape}, planned {shape}")
+        f = self._open[path]
+        f.seek(offset)  # type: ignore[attr-defined]
+        f.write(np.ascontiguousarray(x, self.dtype.newbyteorder("<")).tobytes())  # type: ignore[attr-defined]
+        self.left.discard(name)
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()  # type: ignore[attr-defined]
+        if self.left:
+            raise ValueError(f"tensors never written: {sorted(self.left)[:3]}")
+
+
+# Buffers some checkpoints carry that are not parameters (GPT-2's causal masks, old RoPE tables).
+IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
+
+
+class Reader:
+    """The tensors of a Hugging Face checkpoint folder (one file, or shards with an index)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / SINGLE).is_file():
+            files = [SINGLE]
+        else:
+            found = "a .bin (pickle) checkpoint" if list(folder.glob("*.bin")) else "no weights"
+            raise UserError(
+                f"{folder} has no {SINGLE} or {INDEX} ({found}); lmjax reads safetensors only: "
+                "save the model with save_pretrained(..., safe_serialization=True)"
+            )
+        self._files = [safe_open(str(folder / name), framework="numpy") for name in files]
+        self.file_of: dict[str, object] = {}
+        for f in self._files:
+            for key in f.keys():
+                if not IGNORED.search(key):
+                    self.file_of[key] = f
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.file_of[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
+
+    def get(self, name: str) -> np.ndarray:
+        return self.file_of[name].get_tensor(name)  # type: ignore[attr-defined]

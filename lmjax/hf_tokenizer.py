@@ -1,0 +1,127 @@
+"""The run's sentencepiece tokenizer in a Hugging Face folder, and back.
+
+Export writes `tokenizer.model` (the sentencepiece model itself), `special_tokens_map.json`,
+`tokenizer_config.json` and, for lmjax's own lossless models (identity normalisation, no dummy
+prefix, whitespace kept; BPE or unigram) when the `tokenizers` package is installed, a
+`tokenizer.json` built with it that encodes exactly as sentencepiece does (the tests compare
+them on held-out text), with `<s>` put in front as lmjax frames documents. `AutoTokenizer`
+then loads a `PreTrainedTokenizerFast` from it, without sentencepiece.
+
+Import reads a sentencepiece `tokenizer.model` only: lmjax's data pipeline, bits-per-byte and
+generation tokenize with sentencepiece, and a `tokenizer.json`-only folder (GPT-2's byte-level
+BPE, LLaMA 3's tiktoken BPE) has no sentencepiece equivalent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmjax.config import UserError
+from lmjax.data.tokenizer import Tokenizer
+
+SPACE = "\u2581"  # sentencepiece's mark for a space
+
+
+def export(model_proto: bytes, out: Path, seq_len: int) -> list[str]:
+    """Write the tokenizer files into `out`; returns notes on what could not be written."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tok = Tokenizer(model_proto)
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_proto)
+    (out / "tokenizer.model").write_bytes(model_proto)
+    pieces = [p.piece for p in proto.pieces]
+    unk = proto.trainer_spec.unk_id
+    special = {"bos_token": pieces[tok.bos_id], "eos_token": pieces[tok.eos_id], "unk_token": pieces[unk]}
+    _write_json(out / "special_tokens_map.json", special)
+    notes, fast = [], False
+    why_not = _why_no_tokenizer_json(proto)
+    if why_not:
+        notes.append(
+            f"no tokenizer.json: {why_not}; tokenizer.model loads with LlamaTokenizer (sentencepiece)"
+        )
+    else:
+        try:
+            _tokenizer_json(proto, tok.bos_id).save(str(out / "tokenizer.json"))
+            fast = True
+        except ImportError:
+            notes.append("no tokenizer.json: pip install tokenizers (lmjax[hf]) to write one")
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            # Fast: exactly tokenizer.json. Slow: sentencepiece on tokenizer.model, as is
+            # (legacy=True and no added prefix space: lmjax's models add no dummy prefix).
+            "tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
+            **special,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": True,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": seq_len,
+        },
+    )
+    return notes
+
+
+def _why_no_tokenizer_json(proto) -> str:
+    n = proto.normalizer_spec
+    if n.name != "identity" or n.precompiled_charsmap or n.add_dummy_prefix or n.remove_extra_whitespaces:
+        return "its normalisation is not lmjax's lossless one (identity, no dummy prefix, spaces kept)"
+    if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE
+        return "only unigram and BPE models convert"
+    return ""
+
+
+def _tokenizer_json(proto, bos_id: int):
+    """A `tokenizers.Tokenizer` computing what sentencepiece computes with `proto`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    kinds = proto.SentencePiece.Type
+    pieces = list(proto.pieces)
+    unk = proto.trainer_spec.unk_id
+    if proto.trainer_spec.model_type == 2:  # BPE: merges in the order of the merged piece's score
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        normal = {p.piece for p in pieces if p.type == kinds.NORMAL}
+        merges = []
+        for p in sorted((p for p in pieces if p.type == kinds.NORMAL), key=lambda p: -p.score):
+            splits = [(p.piece[:k], p.piece[k:]) for k in range(1, len(p.piece))]
+            splits = [s for s in splits if s[0] in normal and s[1] in normal]
+            merges += sorted(splits, key=lambda s: (vocab[s[0]], vocab[s[1]]))
+        model = models.BPE(vocab, merges, unk_token=pieces[unk].piece, byte_fallback=True, fuse_unk=True)
+    else:
+        scored = [(p.piece, p.score) for p in pieces]
+        model = models.Unigram(scored, unk_id=unk, byte_fallback=proto.trainer_spec.byte_fallback)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", SPACE)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # sentencepiece matches user-defined pieces ("\n") before the model; control pieces never.
+    tok.add_special_tokens(
+        [AddedToken(p.piece, normalized=False) for p in pieces if p.type in (kinds.CONTROL, kinds.UNKNOWN)]
+    )
+    tok.add_tokens(
+        [AddedToken(p.piece, normalized=False, special=False) for p in pieces if p.type == kinds.USER_DEFINED]
+    )
+    bos = pieces[bos_id].piece
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return tok
+
+
+def import_(folder: Path) -> bytes:
+    """The sentencepiece model of a Hugging Face folder, checked (lmjax needs `<s>`, `</s>`)."""
+    path = folder / "tokenizer.model"
+    if not path.is_file():
+        has = "a tokenizer.json" if (folder / "tokenizer.json").is_file() else "no tokenizer"
+        raise UserError(
+            f"{folder} has {has} but no sentencepiece tokenizer.model; lmjax tokenizes with "
+            "sentencepiece only (a byte-level BPE tokenizer.json, as GPT-2's or LLaMA 3's, has no "
+            "sentencepiece equivalent): import a checkpoint that ships a tokenizer.model"
+        )
+    return Tokenizer.load(path).model_proto
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

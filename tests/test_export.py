@@ -1,0 +1,440 @@
+"""Hugging Face interop (`python -m lmjax.export`), on 8 emulated devices.
+
+The runs exported here hold random parameters (norm scales and biases too), saved through
+`checkpoint.Checkpoints` as training saves them, so that a swapped norm or a transposed square
+matrix changes the logits. What the Hugging Face side expects is written out by hand below
+(tensor names and shapes, config fields) and computed by a numpy forward pass written from
+transformers' modeling_gpt2.py and modeling_llama.py, not from lmjax's export code.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import tiny_train_argv
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_save
+
+from lmjax import checkpoint, config, sharding, step
+from lmjax.export import main, model_sets
+
+# D=32, H=4, E=8, L=2, T=32. LLaMA: 2 kv heads (GQA), vocab 520 (padded to 640 in lmjax).
+MODELS = {
+    "gpt2": config.Model(
+        flavour="gpt2", vocab_size=512, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=32
+    ),
+    "llama": config.Model(
+        flavour="llama",
+        vocab_size=520,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        seq_len=32,
+        rope_theta=500.0,
+        norm_eps=1e-6,
+    ),
+}
+MODELS["llama_tied"] = config.Model(**{**vars(MODELS["llama"]), "tie_embeddings": True})
+MODELS = {
+    k: config.Model(**{**vars(m), "dtype": "float32", "param_dtype": "float32"}) for k, m in MODELS.items()
+}
+
+
+def gpt2_table(L=2):
+    t = {"transformer.wte.weight": (512, 32), "transformer.wpe.weight": (32, 32)}
+    for i in range(L):
+        h = f"transformer.h.{i}."
+        t |= {
+            h + "ln_1.weight": (32,), h + "ln_1.bias": (32,),
+            h + "attn.c_attn.weight": (32, 96), h + "attn.c_attn.bias": (96,),  # Conv1D: [in, out]
+            h + "attn.c_proj.weight": (32, 32), h + "attn.c_proj.bias": (32,),
+            h + "ln_2.weight": (32,), h + "ln_2.bias": (32,),
+            h + "mlp.c_fc.weight": (32, 64), h + "mlp.c_fc.bias": (64,),
+            h + "mlp.c_proj.weight": (64, 32), h + "mlp.c_proj.bias": (32,),
+        }  # fmt: skip
+    return t | {"transformer.ln_f.weight": (32,), "transformer.ln_f.bias": (32,)}  # lm_head tied: absent
+
+
+def llama_table(tied, L=2):
+    t = {"model.embed_tokens.weight": (520, 32), "model.norm.weight": (32,)}
+    for i in range(L):
+        h = f"model.layers.{i}."
+        t |= {
+            h + "input_layernorm.weight": (32,), h + "post_attention_layernorm.weight": (32,),
+            h + "self_attn.q_proj.weight": (32, 32), h + "self_attn.k_proj.weight": (16, 32),  # [out, in]
+            h + "self_attn.v_proj.weight": (16, 32), h + "self_attn.o_proj.weight": (32, 32),
+            h + "mlp.gate_proj.weight": (48, 32), h + "mlp.up_proj.weight": (48, 32),
+            h + "mlp.down_proj.weight": (32, 48),
+        }  # fmt: skip
+    return t if tied else t | {"lm_head.weight": (520, 32)}
+
+
+TABLES = {"gpt2": gpt2_table(), "llama": llama_table(tied=False), "llama_tied": llama_table(tied=True)}
+HF_CONFIG = {
+    "gpt2": {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 512, "n_embd": 32,
+        "n_layer": 2, "n_head": 4, "n_inner": 64, "n_positions": 32, "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new", "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "llama": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 520, "hidden_size": 32,
+        "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "rms_norm_eps": 1e-6, "rope_theta": 500.0, "rope_scaling": None, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "max_position_embeddings": 32, "bos_token_id": 1, "eos_token_id": 2,
+    },
+}  # fmt: skip
+HF_CONFIG["llama_tied"] = HF_CONFIG["llama"] | {"tie_word_embeddings": True}
+
+
+def quiet(_):
+    pass
+
+
+def names_of(params) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, stdlib_corpus) -> dict[str, Path]:
+    """A run folder per model, its checkpoint (step 3) holding random parameters."""
+    out = {}
+    for i, (name, m) in enumerate(MODELS.items()):
+        workdir = tmp_path_factory.mktemp(name)
+        _, abstract = step.abstract_model(m)
+        rng = np.random.default_rng(i)
+
+        def fill(path, a, rng=rng):
+            noise = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+            return jnp.asarray(noise + 1 if "scale" in jax.tree_util.keystr(path) else noise)
+
+        params = jax.tree_util.tree_map_with_path(fill, abstract)
+        exp = config.Experiment(name=name, model=m)
+        ckpts = checkpoint.Checkpoints(workdir, log=quiet)
+        ckpts.save({"params": params, "step": jnp.asarray(3, jnp.int32)}, {"loader": {}}, exp)
+        ckpts.wait()
+        ckpts.close()
+        stdlib_corpus.tokenizer.save(workdir / "tokenizer.model")
+        out[name] = workdir
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> dict[str, Path]:
+    """fp32 exports; GPT-2 sharded (40 kB files), the others one file; plus a bf16 LLaMA."""
+    out = {}
+    for name, workdir in runs.items():
+        out[name] = tmp_path_factory.mktemp("hf") / name
+        shards = ["--shard-size", "40KB"] if name == "gpt2" else []
+        assert main(["--workdir", str(workdir), "--to", "hf", str(out[name]), *shards]) == 0
+    out["llama_bf16"] = tmp_path_factory.mktemp("hf") / "llama_bf16"
+    assert (
+        main(["--workdir", str(runs["llama"]), "--to", "hf", str(out["llama_bf16"]), "--dtype", "bf16"]) == 0
+    )
+    return out
+
+
+def read_hf(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            tensors |= {k: f.get_tensor(k) for k in f.keys()}
+    return json.loads((folder / "config.json").read_text()), tensors
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_names_shapes_dtypes_and_config_are_what_transformers_expects(name, exported):
+    cfg, tensors = read_hf(exported[name])
+    assert {k: v.shape for k, v in tensors.items()} == TABLES[name]
+    assert {v.dtype for v in tensors.values()} == {np.dtype(np.float32)}
+    assert cfg | HF_CONFIG[name] == cfg and cfg["torch_dtype"] == "float32"
+    if name == "gpt2":  # sharded as save_pretrained shards: an index naming every tensor's file
+        index = json.loads((exported[name] / "model.safetensors.index.json").read_text())
+        files = sorted(p.name for p in exported[name].glob("*.safetensors"))
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        assert set(index["weight_map"]) == set(TABLES[name]) and set(index["weight_map"].values()) == set(
+            files
+        )
+        assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    else:
+        assert [p.name for p in exported[name].glob("*.safetensors")] == ["model.safetensors"]
+
+
+def test_bf16_export_is_the_fp32_one_rounded(exported):
+    cfg, bf16 = read_hf(exported["llama_bf16"])
+    _, fp32 = read_hf(exported["llama"])
+    assert cfg["torch_dtype"] == "bfloat16" and {v.dtype for v in bf16.values()} == {
+        np.dtype(ml_dtypes.bfloat16)
+    }
+    for k, v in fp32.items():
+        assert np.array_equal(bf16[k], v.astype(ml_dtypes.bfloat16)), k
+
+
+def test_files_are_byte_for_byte_what_the_safetensors_library_writes(exported):
+    """The streaming writer lays out header and data as `safetensors.numpy.save` does."""
+    for folder in (exported["gpt2"], exported["llama_bf16"]):
+        for path in folder.glob("*.safetensors"):
+            with safe_open(str(path), framework="numpy") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                assert f.metadata() == {"format": "pt"}  # transformers refuses files without it
+            assert path.read_bytes() == safetensors_save(tensors, metadata={"format": "pt"})
+
+
+# --- an independent forward pass of the Hugging Face architectures, in float64 numpy -----------
+
+
+def _layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def _attend(q_BHTE, k_BHTE, v_BHTE):
+    T, E = q_BHTE.shape[2], q_BHTE.shape[3]
+    s = q_BHTE @ k_BHTE.swapaxes(-1, -2) / np.sqrt(E)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    o = (p / p.sum(-1, keepdims=True)) @ v_BHTE
+    return o.transpose(0, 2, 1, 3).reshape(o.shape[0], T, -1)  # merge heads: [B, T, H*E]
+
+
+def gpt2_logits(cfg, w, ids):
+    """modeling_gpt2.py: Conv1D is x @ W + b with W [in, out]; c_attn splits into q, k, v of
+    n_embd each; gelu_new is the tanh approximation; logits = h @ wte.T (tied)."""
+    B, T = ids.shape
+    D, H, eps = cfg["n_embd"], cfg["n_head"], cfg["layer_norm_epsilon"]
+    w = {k.removeprefix("transformer."): v.astype(np.float64) for k, v in w.items()}
+    x = w["wte.weight"][ids] + w["wpe.weight"][np.arange(T)]
+    for i in range(cfg["n_layer"]):
+        p = f"h.{i}."
+        h = _layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], eps)
+        qkv = h @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
+        q, k, v = (t.reshape(B, T, H, D // H).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, axis=-1))
+        x = x + _attend(q, k, v) @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        h = _layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], eps)
+        u = h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"]
+        u = 0.5 * u * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (u + 0.044715 * u**3)))
+        x = x + u @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+    x = _layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], eps)
+    return x @ w.get("lm_head.weight", w["wte.weight"]).T
+
+
+def llama_logits(cfg, w, ids):
+    """modeling_llama.py: nn.Linear is x @ W.T; RoPE rotate_half with cos/sin of
+    cat(freqs, freqs); repeat_kv gives query head h the kv head h // (H / K); RMSNorm."""
+    B, T = ids.shape
+    H, K, E = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps = cfg["rms_norm_eps"]
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+
+    def rms(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, E, 2) / E)
+    emb = np.concatenate([np.outer(np.arange(T), inv_freq)] * 2, axis=-1)  # [T, E]
+    cos, sin = np.cos(emb), np.sin(emb)
+
+    def rotate_half(x):
+        return np.concatenate([-x[..., E // 2 :], x[..., : E // 2]], axis=-1)
+
+    def heads(t, n):
+        return t.reshape(B, T, n, E).transpose(0, 2, 1, 3)
+
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q = heads(h @ w[p + "self_attn.q_proj.weight"].T, H)
+        k = heads(h @ w[p + "self_attn.k_proj.weight"].T, K)
+        v = heads(h @ w[p + "self_attn.v_proj.weight"].T, K)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
+        x = x + _attend(q, k, v) @ w[p + "self_attn.o_proj.weight"].T
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        x = (
+            x
+            + (gate / (1 + np.exp(-gate)) * (h @ w[p + "mlp.up_proj.weight"].T))
+            @ w[p + "mlp.down_proj.weight"].T
+        )
+    x = rms(x, w["model.norm.weight"])
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_of_the_hf_architecture_equal_lmjax_logits(name, runs, exported):
+    cfg, tensors = read_hf(exported[name])
+    ids = np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 24))
+    hf = (gpt2_logits if cfg["model_type"] == "gpt2" else llama_logits)(cfg, tensors, ids)
+
+    params, exp = checkpoint.load_params(runs[name], log=quiet)
+    graphdef, _ = step.abstract_model(exp.model)
+    ours = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(ids)))[..., : cfg["vocab_size"]]
+    assert hf.std() > 1.0  # logits that mean something: a permuted tensor moves them far
+    np.testing.assert_allclose(ours, hf, rtol=1e-4, atol=1e-4)
+
+
+# --- import -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imported(exported, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name in MODELS:
+        out[name] = tmp_path_factory.mktemp("lmjax") / name
+        assert main(["--from-hf", str(exported[name]), "--to", "lmjax", str(out[name])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("devices", [1, 8])
+def test_export_then_import_gives_back_the_parameters_bit_for_bit(name, devices, runs, imported):
+    original, _ = checkpoint.load_params(runs[name], log=quiet)
+    if devices == 1:
+        back, exp = checkpoint.load_params(imported[name], log=quiet)
+        assert {a.sharding.device_set.pop() for a in jax.tree.leaves(back)} == {jax.devices()[0]}
+    else:  # onto a 1 x 4 x 2 (data, fsdp, tensor) mesh: sharded over all 8 devices
+        exp = config.Experiment(model=MODELS[name], mesh=config.Mesh(data=1, fsdp=4, tensor=2))
+        mesh = sharding.make_mesh(exp)
+        with sharding.use(mesh, exp.mesh.rules):
+            back, exp = checkpoint.load_params(imported[name], mesh, log=quiet)
+        assert all(len(a.sharding.device_set) == 8 for a in jax.tree.leaves(back))
+    assert exp.model.vocab_size == MODELS[name].vocab_size and exp.model.tied == MODELS[name].tied
+    original, back = names_of(original), names_of(back)
+    assert original.keys() == back.keys()
+    V = MODELS[name].vocab_size
+    for k, x in original.items():
+        y = back[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if k.startswith("['embed']"):  # padding rows: dropped on export, zeros on import
+            x, y, pad = x[:V], y[:V], y[V:]
+        elif k.startswith("['head']"):
+            x, y, pad = x[:, :V], y[:, :V], y[:, V:]
+        else:
+            pad = np.zeros(0)
+        assert np.array_equal(x, y) and not pad.any(), k
+
+
+def test_warm_start_trains_from_an_imported_checkpoint(imported, tmp_path, capsys):
+    from lmjax import train
+
+    sets = [s.removeprefix("--set ") for s in model_sets(MODELS["gpt2"], 512)]
+    argv = tiny_train_argv(
+        tmp_path, "train.steps=1", "train.eval_every=0", f"checkpoint.init_from={imported['gpt2']}", *sets
+    )
+    assert train.main(argv) == 0
+    assert f"warm start from {imported['gpt2']}" in capsys.readouterr().err
+
+
+def test_tokenizer_json_encodes_as_sentencepiece_does(exported, stdlib_corpus):
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = exported["gpt2"]
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    sp = stdlib_corpus.tokenizer
+    texts = [p.read_text() for p in sorted(Path(json.__file__).parent.parent.glob("*.py"))[:40]]
+    texts += ["  tabs\tand  double  spaces\n\n\nend ", "ünïcödé ☃ 🙂 \x00 中文", " leading space", ""]
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert ids == [sp.bos_id] + sp.encode(text), text[:80]
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert (folder / "tokenizer.model").read_bytes() == sp.model_proto
+
+
+def _broken(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(cfg | changes))
+    return dst
+
+
+REFUSALS = {
+    "vocab": (
+        {"vocab_size": 600},
+        "tensor model.embed_tokens.weight has shape (520, 32) but LlamaForCausalLM of",
+        "needs (600, 32)",
+    ),
+    "kv_heads": (
+        {"num_key_value_heads": 4},
+        "tensor model.layers.0.self_attn.k_proj.weight has shape (16, 32)",
+        "needs (32, 32)",
+    ),
+    "heads": (
+        {"num_attention_heads": 8, "head_dim": 4},
+        "tensor model.layers.0.self_attn.k_proj.weight",
+        "(8, 32)",
+    ),
+    "architecture": (
+        {"architectures": ["MistralForCausalLM"]},
+        "architectures=['MistralForCausalLM']",
+        "reads",
+    ),
+    "rope_scaling": (
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        "rope_scaling=",
+        "not supported",
+    ),
+    "bias": ({"attention_bias": True}, "attention_bias=True is not supported", ""),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_import_mismatch_exits_2_naming_the_tensor_and_shapes(case, exported, tmp_path, capsys):
+    changes, *expected = REFUSALS[case]
+    src = _broken(exported["llama"], tmp_path / "hf", **changes)
+    assert main(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmjax: error: ") and all(e in err[0] for e in expected), err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_import_refuses_a_folder_without_a_sentencepiece_model(exported, tmp_path, capsys):
+    src = _broken(exported["gpt2"], tmp_path / "hf")
+    (src / "tokenizer.model").unlink()
+    assert main(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "has a tokenizer.json but no sentencepiece tokenizer.model" in err
+
+
+def test_gpt2_files_without_the_transformer_prefix_and_with_mask_buffers_import(exported, imported, tmp_path):
+    """As openai-community/gpt2 ships them: `h.0.attn.c_attn.weight`, plus `h.N.attn.bias` masks."""
+    src = _broken(exported["gpt2"], tmp_path / "hf")
+    _, tensors = read_hf(src)
+    for path in src.glob("model*"):
+        path.unlink()
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    renamed |= {f"h.{i}.attn.bias": np.tril(np.ones((1, 1, 32, 32), np.float32)) for i in range(2)}
+    (src / "model.safetensors").write_bytes(safetensors_save(renamed, metadata={"format": "pt"}))
+    assert main(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")]) == 0
+    a, _ = checkpoint.load_params(tmp_path / "out", log=quiet)
+    b, _ = checkpoint.load_params(imported["gpt2"], log=quiet)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_export_bad_input_exits_2(runs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (
+            ["--workdir", str(tmp_path / "empty"), "--to", "hf", str(tmp_path / "o1")],
+            "holds no readable checkpoint",
+        ),
+        (["--workdir", str(runs["gpt2"]), "--to", "lmjax", str(tmp_path / "o2")], "--to hf OUT"),
+        (["--workdir", str(runs["gpt2"]), "--to", "hf", str(runs["gpt2"])], "is not empty"),
+        (
+            ["--workdir", str(runs["gpt2"]), "--to", "hf", str(tmp_path / "o3"), "--shard-size", "big"],
+            "--shard-size",
+        ),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert expected in err, err
