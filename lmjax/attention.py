@@ -131,16 +131,36 @@ def reference(
     segment_ids_BT: jax.Array | None = None,
 ) -> jax.Array:
     """Plain einsum attention in fp32: the yardstick the fast paths are tested against."""
-    _, T, H, D = q_BTHD.shape
-    K = k_BTKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(*q_BTHD.shape[:2], K, H // K, D).astype(jnp.float32)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BTKD.astype(jnp.float32))
-    scores_BKGTS = scores_BKGTS / jnp.sqrt(D).astype(jnp.float32)
+    T = q_BTHD.shape[1]
     mask_TS = jnp.tril(jnp.ones((T, T), bool))
     mask_BTS = mask_TS[None] if segment_ids_BT is None else mask_TS & _segment_mask(segment_ids_BT)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -jnp.inf)
+    return _einsum_attention(q_BTHD, k_BTKD, v_BTKD, mask_BTS)
+
+
+def cached(
+    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, slots_T: jax.Array, start_B: jax.Array
+) -> jax.Array:
+    """Attention of T new queries, at cache slots `slots_T`, to a KV cache of S slots: query
+    slot t sees slots start_B..t of its row (rows are left-padded up to start_B). fp32 einsum:
+    decoding reads the whole cache once per token, which the fused training kernels do not
+    speed up."""
+    slots_S = jnp.arange(k_BSKD.shape[1])
+    seen_BTS = (slots_S <= slots_T[:, None])[None] & (slots_S >= start_B[:, None, None])
+    return _einsum_attention(q_BTHD, k_BSKD, v_BSKD, seen_BTS)
+
+
+def _einsum_attention(q_BTHD, k_BSKD, v_BSKD, seen_BTS):
+    """fp32 softmax attention of queries to the keys `seen_BTS` allows, grouped-query."""
+    _, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    q_BTKGD = q_BTHD.reshape(*q_BTHD.shape[:2], K, H // K, D).astype(jnp.float32)
+    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32))
+    scores_BKGTS = scores_BKGTS / jnp.sqrt(D).astype(jnp.float32)
+    # A finite floor, not -inf: a cache's padding query sees no slot, and must not turn into
+    # NaN that the next layer would write into the cache.
+    scores_BKGTS = jnp.where(seen_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
-    o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BTKD.astype(jnp.float32))
+    o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD.astype(jnp.float32))
     return o_BTKGD.reshape(q_BTHD.shape).astype(q_BTHD.dtype)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,14 +55,21 @@ class Checkpoints:
         keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=True,
-            cleanup_tmp_directories=not read_only,  # what a killed save of this run left
-            read_only=read_only,
-            create=False,
-        )
-        self._manager = ocp.CheckpointManager(self.folder, options=options)
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # orbax warns that a read-only manager will not save: we know
+            absl_log.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep),
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=not read_only,  # what a killed save of this run left
+                read_only=read_only,
+                create=False,
+            )
+            self._manager = ocp.CheckpointManager(self.folder, options=options)
+        finally:
+            absl_log.setLevel(level)
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint folder, oldest first (their contents unchecked)."""
@@ -172,7 +180,39 @@ def load_params(
     log: Log = print,
 ) -> tuple[nnx.State, config.Experiment]:
     """(parameters, resolved experiment) from the newest usable checkpoint of the run in
-    `workdir`, without reading its optimizer state.
+    `workdir`, without reading its optimizer state (`load_newest`)."""
+    params, saved = load_newest(workdir, mesh, model, log)
+    return params, saved.exp
+
+
+def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> config.Experiment:
+    """The experiment of the newest checkpoint in `workdir`, with `overrides` (mesh.* mostly)
+    applied and checked against this machine's devices: what generation and evaluation run."""
+    ckpts = Checkpoints(workdir, log=log, read_only=True)
+    try:
+        saved = ckpts.newest_readable()
+    finally:
+        ckpts.close()
+    if saved is None:
+        raise _no_checkpoint(workdir)
+    exp = config.apply_overrides(saved.exp, overrides)
+    config.validate(exp)
+    config.mesh_shape(exp, jax.device_count())
+    return exp
+
+
+def _no_checkpoint(workdir: Path) -> UserError:
+    return UserError(f"{workdir.absolute()} holds no checkpoint; train a run there first (lmjax.train)")
+
+
+def load_newest(
+    workdir: str | Path,
+    mesh: jax.sharding.Mesh | None = None,
+    model: config.Model | None = None,
+    log: Log = print,
+) -> tuple[nnx.State, Saved]:
+    """(parameters, the checkpoint's step and JSON items) from the newest usable checkpoint of
+    the run in `workdir`, without reading its optimizer state.
 
     `mesh`: lay them out on it by the experiment's rules (run inside `sharding.use`); default:
     on this process's first device. `model`: restore into this model's dtypes instead of the saved one's,
@@ -181,7 +221,7 @@ def load_params(
     workdir = Path(workdir).absolute()
     ckpts = Checkpoints(workdir, log=log, read_only=True)  # that run may be saving right now
     if not ckpts.steps():
-        raise UserError(f"{workdir} holds no checkpoint; train a run there first (python -m lmjax.train)")
+        raise _no_checkpoint(workdir)
 
     def target(saved: Saved) -> step.State:
         _, abstract = step.abstract_model(saved.exp.model)
@@ -203,7 +243,7 @@ def load_params(
         ckpts.close()
     assert found is not None  # there were steps: restore_newest returned one or raised
     saved, restored = found
-    return restored["params"], saved.exp
+    return restored["params"], saved
 
 
 def _check_same_shapes(saved: nnx.State, ours: nnx.State, where: str) -> None:

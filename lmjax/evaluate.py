@@ -1,37 +1,154 @@
-"""Held-out loss and bits per byte on a fixed set of validation batches."""
+"""`python -m lmjax.evaluate --workdir DIR [--split validation] [--set key=value ...]`
+
+Held-out loss, perplexity and bits per byte of the newest checkpoint in DIR over every window
+of a split of the run's corpus (not a sample), written to DIR/eval.json. Bits per byte =
+summed loss in nats / ln 2 / UTF-8 bytes of the predicted tokens: unlike loss, it compares
+across tokenizers. The training loop reports the same three numbers (`HeldOut`), over
+`train.eval_batches` batches, or the whole split when that is 0.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-import jax
-import numpy as np
-from flax import nnx
-
-from lmjax import step
+from lmjax.config import UserError
 
 
 class HeldOut:
-    """The validation batches, placed on the devices once, and the bytes behind their targets.
-
-    Bits per byte = summed loss in nats / ln 2 / UTF-8 bytes of the predicted tokens, which
-    compares across tokenizers.
-    """
+    """Loss, perplexity and bits per byte of parameters over a sequence of batches, each put
+    on the devices while the one before it is evaluated."""
 
     def __init__(
         self,
-        batches: list[dict[str, np.ndarray]],
-        token_bytes: np.ndarray,
-        eval_step: Callable[[nnx.State, step.Batch], tuple[jax.Array, jax.Array]],
-        batch_sharding: jax.sharding.NamedSharding,
+        batches: Sequence[dict[str, Any]],
+        eval_step: Callable,
+        batch_sharding: Any,
+        batch_size: int,
     ):
-        self.bytes = sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in batches)
-        self._batches = [step.put_batch(b, batch_sharding) for b in batches]
-        self._eval_step = eval_step
+        self._batches, self._eval_step = batches, eval_step
+        self._batch_sharding, self._batch_size = batch_sharding, batch_size
 
-    def __call__(self, params: nnx.State) -> dict[str, float]:
-        sums = jax.device_get([self._eval_step(params, b) for b in self._batches])
-        loss_sum = sum(float(s) for s, _ in sums)
-        count = sum(float(c) for _, c in sums)
-        return {"eval_loss": loss_sum / count, "eval_bpb": loss_sum / math.log(2) / self.bytes}
+    def __call__(self, params: Any) -> dict[str, float]:
+        import jax
+        import numpy as np
+
+        from lmjax import step
+
+        sums = [
+            self._eval_step(params, step.put_batch(b, self._batch_sharding, self._batch_size))
+            for b in self._batches  # dispatch is async: the next batch is built meanwhile
+        ]
+        loss_sum, count, n_bytes = np.asarray(jax.device_get(sums), np.float64).sum(axis=0).tolist()
+        loss = loss_sum / max(count, 1.0)
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 700.0)),
+            "eval_bpb": loss_sum / math.log(2) / max(n_bytes, 1.0),
+            "eval_tokens": count,
+            "eval_bytes": n_bytes,
+        }
+
+
+def held_out(exp: Any, corpus: Any, graphdef: Any, param_shardings: Any, mesh: Any, split: str) -> HeldOut:
+    """The evaluation of `exp`'s run on `split` of `corpus`, on `mesh`; each host builds only
+    the rows its devices hold."""
+    from lmjax import sharding, step
+    from lmjax.data import loader
+
+    m, t = exp.model, exp.train
+    batch_sh = step.batch_sharding(mesh)
+    batches = loader.EvalBatches(
+        corpus.splits(split),
+        corpus.weights,
+        m.seq_len,
+        t.batch_size,
+        t.eval_batches if split == "validation" else 0,
+        rows=sharding.host_rows(batch_sh, t.batch_size),
+    )
+    eval_step = step.make_eval_step(graphdef, param_shardings, mesh, corpus.tokenizer.token_bytes())
+    return HeldOut(batches, eval_step, batch_sh, t.batch_size)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lmjax.evaluate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--workdir", required=True, help="a run folder with a checkpoint")
+    parser.add_argument("--split", default="validation", choices=("validation", "train"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config (mesh.*)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        result = evaluate(Path(args.workdir), args.split, args.set)
+    except UserError as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"step {result['step']}, {result['split']}: loss {result['loss']:.4f}, perplexity "
+        f"{result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte over {result['tokens']:.0f} "
+        f"tokens ({args.workdir}/eval.json)"
+    )
+    return 0
+
+
+def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate the newest checkpoint in `workdir` on every window of `split`; the result is
+    also written to `workdir/eval.json`."""
+    from lmjax import checkpoint, config
+
+    exp = checkpoint.saved_experiment(workdir, [*overrides, "train.eval_batches=0"], log=_print)
+    import jax
+
+    from lmjax import sharding, step
+    from lmjax.atomic import write_atomic
+    from lmjax.data import cache
+    from lmjax.data.tokenizer import Tokenizer
+
+    run_tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+    corpus = cache.load_or_build(exp.data, log=_print)
+    if corpus.tokenizer.model_proto != run_tokenizer.model_proto:
+        raise UserError(
+            f"the token cache of this run's data ({corpus.entry}) was made with another tokenizer than "
+            f"{workdir}/tokenizer.model; delete that cache entry to rebuild it"
+        )
+    mesh = sharding.make_mesh(exp)
+    started = time.time()
+    with sharding.use(mesh, exp.mesh.rules):
+        params, saved = checkpoint.load_newest(workdir, mesh, log=_print)
+        graphdef, _ = step.abstract_model(exp.model)
+        shardings = jax.tree.map(lambda a: a.sharding, params)
+        scores = held_out(exp, corpus, graphdef, shardings, mesh, split)(params)
+    result = {
+        "step": saved.step,
+        "split": split,
+        "loss": scores["eval_loss"],
+        "perplexity": scores["eval_perplexity"],
+        "bits_per_byte": scores["eval_bpb"],
+        "tokens": scores["eval_tokens"],
+        "bytes": scores["eval_bytes"],
+        "seq_len": saved.exp.model.seq_len,
+        "data": corpus.entry.name,
+        "seconds": round(time.time() - started, 2),
+        "devices": f"{jax.device_count()} {jax.devices()[0].device_kind}",
+        "config": config.to_dict(saved.exp),
+    }
+    write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,29 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmjax import config
 from lmjax.attention import attention
+from lmjax.attention import cached as cached_attention
 from lmjax.sharding import constrain
 
 _ACT_BTD = ("act_batch", "act_seq", "act_embed")
+# The cache is laid out like the activations: rows over the batch axes, kv heads over tensor.
+_CACHE_NAMES = ("layers", "act_batch", None, "act_kv_heads", None)
+
+
+class KVCache(NamedTuple):
+    """Every layer's keys and values for S slots of B rows, filled up to slot `length`. Prompts
+    are left-padded: row b's tokens start at slot `start_B[b]` and its positions count from there."""
+
+    k_LBSKE: jax.Array
+    v_LBSKE: jax.Array
+    length: jax.Array  # int32 scalar
+    start_B: jax.Array  # int32 [B]
+
+
+def init_cache(cfg: config.Model, start_B: jax.Array, slots: int) -> KVCache:
+    """An empty cache of `slots` slots for rows whose prompts start at `start_B`."""
+    shape = (cfg.n_layers, start_B.shape[0], slots, cfg.kv_heads, cfg.head_dim)
+    k_LBSKE, v_LBSKE = (constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), _CACHE_NAMES) for _ in "kv")
+    return KVCache(k_LBSKE, v_LBSKE, jnp.zeros((), jnp.int32), start_B.astype(jnp.int32))
 
 
 class Layers(nnx.Module):
@@ -98,31 +119,67 @@ class Transformer(nnx.Module):
     ) -> jax.Array:
         """The final-normed hidden states `[B, T, D]` that the head turns into logits."""
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD = self._embed(tokens_BT, positions_BT)
+        block_fn = functools.partial(
+            _block, cfg=cfg, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT
+        )
+        if cfg.remat != "none":
+            block_fn = jax.checkpoint(block_fn, policy=_remat_policy(cfg))
+        layers = self.layers.arrays(jnp.dtype(cfg.dtype))
+        if cfg.scan_layers:
+            x_BTD, _ = jax.lax.scan(lambda x, p: (block_fn(x, p)[0], None), x_BTD, layers)
+        else:
+            for i in range(cfg.n_layers):
+                x_BTD, _ = block_fn(x_BTD, {k: v[i] for k, v in layers.items()})
+        return self._final_norm(x_BTD)
+
+    def decode(self, tokens_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits `[B, T, V]` of T tokens that follow the cache's, and the cache with their keys
+        and values added: the prompt at once (prefill), then one token at a time."""
+        cfg = self.cfg
+        slots_T = cache.length + jnp.arange(tokens_BT.shape[1])
+        positions_BT = jnp.maximum(slots_T[None] - cache.start_B[:, None], 0)  # 0 on padding
+        x_BTD = self._embed(tokens_BT, positions_BT)
+        block_fn = functools.partial(_block, cfg=cfg, segment_ids_BT=None, positions_BT=positions_BT)
+
+        def layer(x_BTD, p_and_kv):
+            p, k_BSKE, v_BSKE = p_and_kv
+            return block_fn(x_BTD, p, kv=(k_BSKE, v_BSKE, slots_T, cache.start_B))
+
+        layers = self.layers.arrays(jnp.dtype(cfg.dtype))
+        if cfg.scan_layers:
+            x_BTD, (k_LBSKE, v_LBSKE) = jax.lax.scan(layer, x_BTD, (layers, cache.k_LBSKE, cache.v_LBSKE))
+        else:
+            kv = []
+            for i in range(cfg.n_layers):
+                p = {k: v[i] for k, v in layers.items()}
+                x_BTD, kv_i = layer(x_BTD, (p, cache.k_LBSKE[i], cache.v_LBSKE[i]))
+                kv.append(kv_i)
+            k_LBSKE, v_LBSKE = (jnp.stack(a) for a in zip(*kv, strict=True))
+        new_cache = KVCache(
+            constrain(k_LBSKE, _CACHE_NAMES),
+            constrain(v_LBSKE, _CACHE_NAMES),
+            cache.length + tokens_BT.shape[1],
+            cache.start_B,
+        )
+        return logits(cfg, self._final_norm(x_BTD), self.head_DV()), new_cache
+
+    def _embed(self, tokens_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
         embed_VD = self.embed[...].astype(dtype)
         # Gather the table whole before the lookup (as FSDP does for every weight): a lookup
         # into a vocab/fsdp-sharded table makes XLA replicate it in the backward pass anyway.
         x_BTD = constrain(embed_VD, (None, "act_embed"))[tokens_BT]
         if cfg.flavour == "gpt2":
             x_BTD = x_BTD + self.pos_embed[...].astype(dtype)[positions_BT]
-        x_BTD = constrain(x_BTD, _ACT_BTD)
+        return constrain(x_BTD, _ACT_BTD)
 
-        block_fn = functools.partial(
-            _block, cfg=cfg, segment_ids_BT=segment_ids_BT, positions_BT=positions_BT
-        )
-        if cfg.remat != "none":
-            block_fn = jax.checkpoint(block_fn, policy=_remat_policy(cfg))
-        layers = self.layers.arrays(dtype)
-        if cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(lambda x, p: (block_fn(x, p), None), x_BTD, layers)
-        else:
-            for i in range(cfg.n_layers):
-                x_BTD = block_fn(x_BTD, {k: v[i] for k, v in layers.items()})
-
-        bias = self.final_norm_bias[...] if cfg.flavour == "gpt2" else None
-        return _norm(cfg, x_BTD, self.final_norm_scale[...], bias)
+    def _final_norm(self, x_BTD: jax.Array) -> jax.Array:
+        bias = self.final_norm_bias[...] if self.cfg.flavour == "gpt2" else None
+        return _norm(self.cfg, x_BTD, self.final_norm_scale[...], bias)
 
     def head_DV(self, dtype: str | None = None) -> jax.Array:
         """The output projection (the embedding table itself when tied), in `dtype` (default:
@@ -195,7 +252,11 @@ def _block(
     cfg: config.Model,
     segment_ids_BT: jax.Array | None,
     positions_BT: jax.Array,
-) -> jax.Array:
+    kv: tuple[jax.Array, ...] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One transformer block. With `kv` = (k_BSKE, v_BSKE, slots_T, start_B), a layer's cache:
+    the new keys and values go into it at `slots_T` and the queries attend to it; returns the
+    block's output and the updated (k, v) cache (None without one)."""
     gpt2 = cfg.flavour == "gpt2"
     h_BTD = _norm(cfg, x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"))
     q_BTHE = jnp.einsum("btd,dhe->bthe", h_BTD, p["w_q"])
@@ -209,9 +270,18 @@ def _block(
     q_BTHE = checkpoint_name(constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None)), "qkv")
     k_BTKE = checkpoint_name(constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
     v_BTKE = checkpoint_name(constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
-    o_BTHE = attention(
-        q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, implementation=cfg.attention, max_segments=cfg.max_segments
-    )
+    if kv is None:
+        kernel = functools.partial(attention, implementation=cfg.attention, max_segments=cfg.max_segments)
+        o_BTHE = kernel(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+        new_kv = None
+    else:
+        k_BSKE, v_BSKE, slots_T, start_B = kv
+        at = (0, slots_T[0], 0, 0)
+        new_kv = (
+            jax.lax.dynamic_update_slice(k_BSKE, k_BTKE.astype(k_BSKE.dtype), at),
+            jax.lax.dynamic_update_slice(v_BSKE, v_BTKE.astype(v_BSKE.dtype), at),
+        )
+        o_BTHE = cached_attention(q_BTHE, *new_kv, slots_T, start_B)
     o_BTHE = checkpoint_name(o_BTHE, "attn_out")
     attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)
@@ -226,7 +296,7 @@ def _block(
         up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_up"]), "mlp_in")
         u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
         mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
-    return constrain(x_BTD + mlp_BTD, _ACT_BTD)
+    return constrain(x_BTD + mlp_BTD, _ACT_BTD), new_kv
 
 
 def _norm(cfg: config.Model, x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None) -> jax.Array:

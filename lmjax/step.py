@@ -175,12 +175,16 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: jax.sharding.Mesh
-) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
-    """(summed loss, target count) of one batch."""
+    graphdef: nnx.GraphDef, param_shardings: nnx.State, mesh: jax.sharding.Mesh, token_bytes_V: np.ndarray
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array, jax.Array]]:
+    """(summed loss, target count, UTF-8 bytes of the targets) of one batch; `token_bytes_V`:
+    the bytes each token id stands for (`Tokenizer.token_bytes`)."""
+    token_bytes_V = np.asarray(token_bytes_V, np.int32)
 
-    def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return model.loss_sums(nnx.merge(graphdef, params), batch)
+    def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        loss_sum, count = model.loss_sums(nnx.merge(graphdef, params), batch)
+        target_bytes = jnp.where(batch["loss_mask"] > 0, jnp.asarray(token_bytes_V)[batch["targets"]], 0)
+        return loss_sum, count, target_bytes.sum()
 
     return jax.jit(
         eval_step,

@@ -99,3 +99,14 @@ def two_corpora(
 @pytest.fixture(scope="session")
 def stdlib_corpus() -> cache.Corpus:
     return cache.load_or_build(TINY_DATA, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> Path:
+    """A finished 8-step stdlib run, evaluated on its whole validation split at the end: for
+    the tests of what reads a run (evaluation, generation)."""
+    from lmjax import train
+
+    workdir = tmp_path_factory.mktemp("short_run")
+    assert train.main(tiny_train_argv(workdir, "train.steps=8", "train.eval_batches=0")) == 0
+    return workdir

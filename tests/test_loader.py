@@ -155,7 +155,7 @@ def test_mixture_follows_its_weights(tmp_path):
     share = np.mean(["alpha" in w for w in words])
     assert all(("alpha" in w) != ("omega" in w) for w in words)  # a window holds one corpus
     assert share == pytest.approx(0.7, abs=0.02)  # 1000 windows: grain mixes by exact ratio
-    held_out = loader.eval_batches(corpus.splits("validation"), corpus.weights, 32, 10, 2)
+    held_out = loader.EvalBatches(corpus.splits("validation"), corpus.weights, 32, 10, 2)
     rows = [r for b in held_out for r, m in zip(b["inputs"], b["loss_mask"], strict=True) if m.any()]
     assert len(rows) == 20  # both corpora have enough validation windows
     assert np.mean(["alpha" in corpus.tokenizer.decode(r) for r in rows]) == 0.7
@@ -163,9 +163,9 @@ def test_mixture_follows_its_weights(tmp_path):
 
 def test_eval_batches_pad_a_short_split_with_masked_rows():
     split = _split([9] * 5)  # 45 tokens -> 5 windows of 8
-    batches = loader.eval_batches([split], [1.0], 8, 4, 3)
+    batches = loader.EvalBatches([split], [1.0], 8, 4, 3)
     assert len(batches) == 2
     np.testing.assert_array_equal(batches[0]["inputs"][:, 0], [0, 8, 16, 24])
     assert batches[1]["loss_mask"][1:].sum() == 0 and batches[1]["loss_mask"][0].sum() > 0
     with pytest.raises(config.UserError, match="fewer than one window"):
-        loader.eval_batches([_split([4])], [1.0], 8, 4, 3)
+        loader.EvalBatches([_split([4])], [1.0], 8, 4, 3)

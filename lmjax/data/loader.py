@@ -162,22 +162,46 @@ class DevicePrefetch:
         return self._state
 
 
-def eval_batches(
-    splits: list[Split], weights: Sequence[float], seq_len: int, batch_size: int, n_batches: int
-) -> list[Batch]:
-    """Up to `n_batches` batches of validation windows, in order: each corpus gives its first
-    windows in proportion to its weight (fewer when it has fewer).
+class EvalBatches(Sequence):
+    """Validation batches in a fixed order, each built when it is read (a whole split of a large
+    corpus is many): `n_batches` of them, each corpus giving its first windows in proportion
+    to its weight (fewer when it has fewer), or with `n_batches=0` every window of every corpus.
 
     The last batch is filled with rows whose loss_mask is 0, so every window counts once and
-    none twice."""
-    wanted = n_batches * batch_size
-    parts = [np.asarray(list(ds)) for ds in _window_ids(splits, seq_len, "validation")]
-    shares = [min(len(ids), round(wanted * w / sum(weights))) for ids, w in zip(parts, weights, strict=True)]
-    ids_N2 = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
-    padding = -len(ids_N2) % batch_size
-    batch = _Materialize(splits, seq_len, None)(tuple(np.pad(ids_N2, ((0, padding), (0, 0))).T))
-    batch["loss_mask"][len(ids_N2) :] = 0
-    return [
-        {k: v[i : i + batch_size] for k, v in batch.items()}
-        for i in range(0, len(ids_N2) + padding, batch_size)
-    ]
+    none twice. `rows`: the rows of each global batch this host loads (None: all)."""
+
+    def __init__(
+        self,
+        splits: list[Split],
+        weights: Sequence[float],
+        seq_len: int,
+        batch_size: int,
+        n_batches: int,
+        rows: np.ndarray | None = None,
+    ):
+        parts = [np.asarray(list(ds)) for ds in _window_ids(splits, seq_len, "validation")]
+        if n_batches:
+            wanted = n_batches * batch_size
+            shares = [
+                min(len(ids), round(wanted * w / sum(weights))) for ids, w in zip(parts, weights, strict=True)
+            ]
+            ids_N2 = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
+        else:
+            ids_N2 = np.concatenate(parts)
+        self.windows = len(ids_N2)
+        self._ids_N2 = np.pad(ids_N2, ((0, -len(ids_N2) % batch_size), (0, 0)))
+        self._batch_size, self._rows = batch_size, rows
+        self._materialize = _Materialize(splits, seq_len, rows)
+
+    def __len__(self) -> int:
+        return len(self._ids_N2) // self._batch_size
+
+    def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        first = i * self._batch_size
+        ids_B2 = self._ids_N2[first : first + self._batch_size]
+        batch = self._materialize(tuple(ids_B2.T))
+        row_B = first + (np.arange(self._batch_size) if self._rows is None else self._rows)
+        batch["loss_mask"][row_B >= self.windows] = 0  # the padding rows
+        return batch

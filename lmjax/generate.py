@@ -1,0 +1,261 @@
+"""`python -m lmjax.generate --workdir DIR --prompt TEXT [--max-tokens N --temperature T ...]`
+
+Samples text from the newest checkpoint of a run, with the tokenizer saved beside it: the
+prompt is prefilled at once, then tokens are decoded one at a time against a KV cache laid out
+on the mesh like the activations, until </s> or the limit, and streamed to the terminal.
+
+From Python (a notebook): `lmjax.generate.sample(workdir, prompts, ...)`, or keep a
+`Generator(workdir)` and call its `sample` many times (it compiles once per prompt length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lmjax import config
+from lmjax.config import UserError
+
+# Prompts are left-padded to a multiple of this, so prompts of similar lengths share a compilation.
+_PROMPT_BUCKET = 16
+
+Log = Callable[[str], None]
+OnText = Callable[[int, str], None]  # (row, the text that row added since the last call)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lmjax.generate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--workdir", required=True, help="a run folder with a checkpoint")
+    parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=200, help="new tokens at most, per sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest ids (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="...and of those the likeliest holding p")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config (mesh.*)",
+    )
+    args = parser.parse_args(argv)
+    check_settings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    return args
+
+
+def check_settings(max_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
+    for ok, problem in [
+        (max_tokens >= 1, f"--max-tokens {max_tokens}: give at least 1"),
+        (
+            temperature >= 0 and math.isfinite(temperature),
+            f"--temperature {temperature}: give 0 (greedy) or above",
+        ),
+        (top_k >= 0, f"--top-k {top_k}: give 0 (off) or more"),
+        (0 < top_p <= 1, f"--top-p {top_p}: give a value in (0, 1]"),
+        (num_samples >= 1, f"--num-samples {num_samples}: give at least 1"),
+    ]:
+        if not ok:
+            raise UserError(problem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        generator = Generator(args.workdir, args.set, log=_print)
+        prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+        streaming = len(prompts) == 1
+        if streaming:
+            print(prompts[0], end="", flush=True)
+        started = time.time()
+        texts = generator.sample(
+            prompts,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_text=(lambda _, text: print(text, end="", flush=True)) if streaming else None,
+        )
+        if streaming:
+            print()
+        else:
+            for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+                print(f"--- sample {i + 1} of {len(prompts)} ---\n{prompt}{text}")
+        _print(f"{generator.last_tokens} tokens in {time.time() - started:.1f} s")
+    except UserError as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def sample(workdir: str | Path, prompts: str | Sequence[str], **settings: Any) -> list[str]:
+    """Continuations of `prompts` by the newest checkpoint in `workdir` (see Generator.sample)."""
+    return Generator(workdir).sample(prompts, **settings)
+
+
+class Generator:
+    """A run's newest parameters and tokenizer, on a mesh, with the compiled decode step."""
+
+    def __init__(
+        self, workdir: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = print
+    ):
+        import jax
+
+        from lmjax import checkpoint, model, sharding
+        from lmjax.data.tokenizer import Tokenizer
+
+        workdir = Path(workdir)
+        self.exp = checkpoint.saved_experiment(workdir, list(overrides), log)
+        self.mesh = sharding.make_mesh(self.exp)
+        with self._on_mesh():
+            params, saved_exp = checkpoint.load_params(workdir, self.mesh, log=log)
+        if saved_exp.model != self.exp.model:
+            raise UserError(f"{workdir} got a new checkpoint of another model while loading; run again")
+        self.params = params
+        self.tokenizer = Tokenizer.load(workdir / "tokenizer.model")
+        self.last_tokens = 0  # tokens the last `sample` call produced
+        self._step = _decode_step(self.exp.model)
+        self._init_cache = jax.jit(functools.partial(model.init_cache, self.exp.model), static_argnums=1)
+
+    def sample(
+        self,
+        prompts: str | Sequence[str],
+        max_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        on_text: OnText | None = None,
+    ) -> list[str]:
+        """The text each prompt continues with, up to its </s> or `max_tokens` tokens, as
+        strings; one prompt may be passed as a string. `on_text(row, text)` gets each row's new
+        text as it is decoded (a stream). The same seed gives the same samples."""
+        check_settings(max_tokens, temperature, top_k, top_p, 1)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok = self.tokenizer
+        ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
+        streams = [_TextStream(tok.decode) for _ in prompts]
+
+        def on_tokens(row: int, new_ids: list[int]) -> None:
+            text = streams[row].add(new_ids)
+            if on_text and text:
+                on_text(row, text)
+
+        out = self.generate_ids(ids, max_tokens, temperature, top_k, top_p, seed, on_tokens)
+        self.last_tokens = sum(map(len, out))
+        return [tok.decode(row) for row in out]
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[list[int]]:
+        """New token ids for each prompt (ids, <s> included), </s> left out."""
+        import jax
+        import numpy as np
+
+        prompts_BP, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
+        rows = len(prompt_ids)
+        key = jax.random.key(seed)
+        settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        out: list[list[int]] = [[] for _ in range(rows)]
+        done = np.zeros(rows, bool)
+        with self._on_mesh():
+            cache = self._init_cache(start_B, prompts_BP.shape[1] + max_tokens)
+            next_B, cache = self._step(self.params, prompts_BP, cache, jax.random.fold_in(key, 0), *settings)
+            for i in range(max_tokens):
+                token_B = next_B
+                if i + 1 < max_tokens:  # queue the next step before reading this one's tokens
+                    key_i = jax.random.fold_in(key, i + 1)
+                    next_B, cache = self._step(self.params, token_B[:, None], cache, key_i, *settings)
+                for b, t in enumerate(np.asarray(token_B)[:rows]):
+                    if done[b]:
+                        continue
+                    done[b] = t == self.tokenizer.eos_id
+                    if not done[b]:
+                        out[b].append(int(t))
+                        if on_tokens:
+                            on_tokens(b, [int(t)])
+                if done.all():
+                    break
+        return out
+
+    def _layout(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> tuple[Any, Any, int]:
+        """Left-padded prompts `[B, P]` (rows padded to a multiple of the batch shards), where
+        each row's prompt starts, and `max_tokens` cut to what the model's context leaves."""
+        import numpy as np
+
+        context = self.exp.model.seq_len
+        longest = max(map(len, prompt_ids))
+        if longest >= context:
+            raise UserError(
+                f"a prompt is {longest} tokens (with <s>) but the model's context, model.seq_len, is "
+                f"{context}; shorten the prompt"
+            )
+        max_tokens = min(max_tokens, context - longest)  # learned positions end at seq_len
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        B = -(-len(prompt_ids) // shards) * shards
+        P = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
+        padded = [*prompt_ids, *[[self.tokenizer.bos_id]] * (B - len(prompt_ids))]
+        prompts_BP = np.zeros((B, P), np.int32)
+        start_B = np.array([P - len(p) for p in padded], np.int32)
+        for b, p in enumerate(padded):
+            prompts_BP[b, start_B[b] :] = p
+        return prompts_BP, start_B, max_tokens
+
+    def _on_mesh(self) -> Any:
+        from lmjax import sharding
+
+        return sharding.use(self.mesh, self.exp.mesh.rules)
+
+
+class _TextStream:
+    """A row's decoded text, handed out as it grows; an unfinished UTF-8 character (byte
+    pieces still to come) is held back."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self._decode, self._ids, self._shown = decode, [], 0
+
+    def add(self, ids: list[int]) -> str:
+        self._ids += ids
+        text = self._decode(self._ids).rstrip("\ufffd")
+        new, self._shown = text[self._shown :], max(self._shown, len(text))
+        return new
+
+
+def _decode_step(cfg: config.Model) -> Callable:
+    """(params, tokens_BT, cache, key, temperature, top_k, top_p) -> (next ids [B], cache):
+    the tokens go through the model against the cache, and the last position picks the next."""
+    import jax
+    from flax import nnx
+
+    from lmjax import sampling, step
+
+    graphdef, _ = step.abstract_model(cfg)
+
+    def decode(params, tokens_BT, cache, key, temperature, top_k, top_p):
+        logits_BTV, cache = nnx.merge(graphdef, params).decode(tokens_BT, cache)
+        return sampling.choose(logits_BTV[:, -1], key, temperature, top_k, top_p), cache
+
+    return jax.jit(decode, donate_argnums=2)
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

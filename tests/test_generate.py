@@ -1,0 +1,179 @@
+"""Generation: KV-cached decoding against the full forward pass, the sampling filters against
+sets worked out in numpy, and `python -m lmjax.generate` on a short stdlib run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_experiment
+from flax import nnx
+
+from lmjax import generate, model, sampling, sharding
+
+# (prompt length, tokens decoded one at a time after it) per row: rows of different lengths.
+ROWS = [(5, 4), (11, 4), (2, 4), (8, 4)]
+
+
+EIGHT = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+
+
+@pytest.mark.parametrize(
+    "flavour, devices, sets",
+    [
+        ("gpt2", 1, ()),
+        ("llama", 1, ()),  # GQA: 4 query heads share 2 kv heads
+        ("gpt2", 8, EIGHT),
+        ("llama", 8, (*EIGHT, "model.scan_layers=true")),
+    ],
+    ids=["gpt2-1dev", "llama-1dev", "gpt2-8dev", "llama-8dev-scan"],
+)
+def test_cached_decoding_equals_the_full_forward_pass(flavour, devices, sets):
+    """Left-padded prompts of different lengths are prefilled at once, then tokens go in one by
+    one; every logit equals the full forward pass of that row's sequence alone, unpadded."""
+    exp = tiny_experiment(flavour, *sets)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 256, p + d) for p, d in ROWS]
+    reference = model.Transformer(exp.model, rngs=nnx.Rngs(0))
+    full = [np.asarray(reference(jnp.asarray(s)[None])[0, :, :256]) for s in seqs]
+
+    P = max(p for p, _ in ROWS)
+    prompts_BP = np.zeros((len(ROWS), P), np.int32)
+    start_B = np.array([P - p for p, _ in ROWS], np.int32)
+    for b, (p, _) in enumerate(ROWS):
+        prompts_BP[b, start_B[b] :] = seqs[b][:p]
+    mesh = sharding.make_mesh(exp, jax.devices()[:devices])
+    graphdef, params = nnx.split(reference)
+
+    @jax.jit
+    def decode(params, tokens_BT, cache):
+        return nnx.merge(graphdef, params).decode(tokens_BT, cache)
+
+    with sharding.use(mesh, exp.mesh.rules):
+        params = jax.device_put(params, sharding.state_shardings(params, mesh))
+        cache = jax.jit(lambda s: model.init_cache(exp.model, s, P + 4))(jnp.asarray(start_B))
+        logits_BTV, cache = decode(params, jnp.asarray(prompts_BP), cache)
+        laid_out = sharding.named(mesh, ("layers", "act_batch", None, "act_kv_heads", None))
+        assert cache.k_LBSKE.sharding.is_equivalent_to(laid_out, 5)  # like the activations
+        for b, (p, _) in enumerate(ROWS):
+            np.testing.assert_allclose(logits_BTV[b, P - p :, :256], full[b][:p], atol=2e-5, rtol=2e-5)
+        for t in range(4):
+            tokens_B1 = np.array([[s[p + t]] for s, (p, _) in zip(seqs, ROWS, strict=True)], np.int32)
+            logits_BTV, cache = decode(params, jnp.asarray(tokens_B1), cache)
+            for b, (p, _) in enumerate(ROWS):
+                np.testing.assert_allclose(logits_BTV[b, 0, :256], full[b][p + t], atol=2e-5, rtol=2e-5)
+
+
+def _allowed_by_hand(logits_V, top_k, top_p):
+    """The ids top-k then top-p sampling may return, from the definitions: the k highest; of
+    those, the highest-first prefix that stops at the first id bringing the mass to top_p."""
+    order = np.argsort(-logits_V, kind="stable")[: top_k or len(logits_V)]
+    probs = np.exp(logits_V[order] - logits_V[order].max())
+    probs /= probs.sum()
+    kept = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
+    return set(order[: min(kept, len(order))].tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 1.0), (0, 0.5), (20, 0.8), (1, 1.0)])
+def test_sampling_never_leaves_the_allowed_set(top_k, top_p):
+    logits_BV = jax.random.normal(jax.random.key(1), (4, 64)) * 3
+    keys = jax.random.split(jax.random.key(2), 300)
+    draw = jax.jit(jax.vmap(sampling.choose, in_axes=(None, 0, None, None, None)))
+    drawn_NB = np.asarray(draw(logits_BV, keys, 1.0, top_k, top_p))
+    for b in range(4):
+        allowed = _allowed_by_hand(np.asarray(logits_BV[b], np.float64), top_k, top_p)
+        mask = np.asarray(sampling.allowed(logits_BV[b : b + 1], jnp.int32(top_k), jnp.float32(top_p))[0])
+        assert set(np.flatnonzero(mask).tolist()) == allowed
+        assert set(drawn_NB[:, b].tolist()) <= allowed
+        if len(allowed) <= 5:  # 300 draws reach every allowed id of a handful
+            assert set(drawn_NB[:, b].tolist()) == allowed
+
+
+def test_greedy_is_the_argmax_and_ignores_the_key():
+    logits_BV = jax.random.normal(jax.random.key(3), (4, 64))
+    a = sampling.choose(logits_BV, jax.random.key(0), 0.0, 0, 1.0)
+    b = sampling.choose(logits_BV, jax.random.key(9), 0.0, 5, 0.3)
+    np.testing.assert_array_equal(a, np.argmax(logits_BV, axis=-1))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def generator(short_run):
+    return generate.Generator(short_run, log=lambda m: None)
+
+
+def test_greedy_rows_do_not_depend_on_their_batch(generator):
+    """A prompt's greedy continuation is the same alone as beside longer and shorter prompts
+    (left padding and per-row positions), and the same on every call. The weights get noise:
+    8 steps of training answer every prompt alike (newlines), which would prove nothing."""
+    trained = generator.params
+    leaves, treedef = jax.tree.flatten(trained)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    noisy = [x + jax.random.normal(k, x.shape, x.dtype) * 0.2 for k, x in zip(keys, leaves, strict=True)]
+    generator.params = jax.tree.unflatten(treedef, noisy)
+    try:
+        tok = generator.tokenizer
+        prompts = [
+            [tok.bos_id, *tok.encode(p)]
+            for p in ["def main(", "import os\n\nclass P:\n    def", "    return x"]
+        ]
+        together = generator.generate_ids(prompts, max_tokens=12)
+        alone = [generator.generate_ids([p], max_tokens=12)[0] for p in prompts]
+        assert len({tuple(ids) for ids in together}) == 3 and all(together)  # not all alike
+        assert together == alone
+        assert generator.generate_ids(prompts, max_tokens=12) == together
+    finally:
+        generator.params = trained
+
+
+def test_seeded_sampling_is_reproducible(generator):
+    settings = dict(max_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    first = generator.sample(["def f(x):", "def f(x):"], seed=7, **settings)
+    assert generator.sample(["def f(x):", "def f(x):"], seed=7, **settings) == first
+    assert first[0] != first[1]  # each row draws on its own
+    assert generator.sample(["def f(x):", "def f(x):"], seed=8, **settings) != first
+
+
+def test_sample_streams_what_it_returns(generator):
+    pieces: list[tuple[int, str]] = []
+    texts = generator.sample(
+        ["for i in range(", "#"], max_tokens=10, seed=1, on_text=lambda r, t: pieces.append((r, t))
+    )
+    for row, text in enumerate(texts):
+        assert "".join(t for r, t in pieces if r == row) == text
+
+
+def test_generate_cli_smoke(short_run, capsys):
+    """The whole path after a short stdlib run: load, prefill, decode, stream, detokenize."""
+    assert (
+        generate.main(
+            ["--workdir", str(short_run), "--prompt", "def parse(self, text):\n", "--max-tokens", "24"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("def parse(self, text):\n") and len(out) > len("def parse(self, text):\n")
+    assert (
+        generate.main(["--workdir", str(short_run), "--prompt", "a", "--prompt", "b", "--num-samples", "2"])
+        == 0
+    )
+    assert capsys.readouterr().out.count("--- sample ") == 4
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--top-p", "0"], "--top-p 0.0: give a value in (0, 1]"),
+        (["--max-tokens", "0"], "--max-tokens 0"),
+        (["--prompt", "x" * 200], "model.seq_len, is 32"),
+    ],
+)
+def test_generate_user_errors_exit_2(short_run, capsys, extra, expected):
+    assert generate.main(["--workdir", str(short_run), "--prompt", "x", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_generate_without_a_checkpoint_exits_2(tmp_path, capsys):
+    assert generate.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no checkpoint" in err[0]
