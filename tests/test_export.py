@@ -337,15 +337,22 @@ def test_tokenizer_json_encodes_as_sentencepiece_does(exported, stdlib_corpus):
     tokenizers = pytest.importorskip("tokenizers")
     folder = exported["gpt2"]
     tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.encode_special_tokens = True  # what transformers does with split_special_tokens=True
     sp = stdlib_corpus.tokenizer
     texts = [p.read_text() for p in sorted(Path(json.__file__).parent.parent.glob("*.py"))[:40]]
-    texts += ["  tabs\tand  double  spaces\n\n\nend ", "ünïcödé ☃ 🙂 \x00 中文", " leading space", ""]
+    texts += [
+        "  tabs\tand  double  spaces\n\n\nend ",
+        "ünïcödé ☃ 🙂 \x00 中文",
+        " leading space",
+        "",
+        "r'(?P<s>x)</s><unk>'",
+    ]
     for text in texts:
         ids = tok.encode(text).ids
         assert ids == [sp.bos_id] + sp.encode(text), text[:80]
         assert tok.decode(ids, skip_special_tokens=True) == text
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["split_special_tokens"]
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<s>", "</s>", "<unk>")
     assert (folder / "tokenizer.model").read_bytes() == sp.model_proto
 
