@@ -5,7 +5,8 @@ prompt is prefilled at once, then tokens are decoded one at a time against a KV 
 on the mesh like the activations, until </s> or the limit, and streamed to the terminal.
 
 From Python (a notebook): `lmjax.generate.sample(workdir, prompts, ...)`, or keep a
-`Generator(workdir)` and call its `sample` many times (it compiles once per prompt length).
+`Generator.from_workdir(workdir)` and call its `sample` many times (it compiles once per
+prompt length).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 from lmjax import config
 from lmjax.config import UserError
 
-# Prompts are left-padded to a multiple of this, so prompts of similar lengths share a compilation.
-_PROMPT_BUCKET = 16
+# Prompts are left-padded to a multiple of _PROMPT_BUCKET tokens and the cache has a multiple of
+# _CACHE_BUCKET slots, so similar lengths and token limits share a compilation.
+_PROMPT_BUCKET, _CACHE_BUCKET = 16, 128
 
 Log = Callable[[str], None]
 OnText = Callable[[int, str], None]  # (row, the text that row added since the last call)
@@ -69,7 +71,7 @@ def check_settings(max_tokens: int, temperature: float, top_k: int, top_p: float
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        generator = Generator(args.workdir, args.set, log=_print)
+        generator = Generator.from_workdir(args.workdir, args.set, log=_print)
         prompts = [p for p in args.prompt for _ in range(args.num_samples)]
         streaming = len(prompts) == 1
         if streaming:
@@ -98,32 +100,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def sample(workdir: str | Path, prompts: str | Sequence[str], **settings: Any) -> list[str]:
     """Continuations of `prompts` by the newest checkpoint in `workdir` (see Generator.sample)."""
-    return Generator(workdir).sample(prompts, **settings)
+    return Generator.from_workdir(workdir).sample(prompts, **settings)
 
 
 class Generator:
-    """A run's newest parameters and tokenizer, on a mesh, with the compiled decode step."""
+    """Parameters on a mesh, the tokenizer, and the compiled decode step: `from_workdir` for a
+    run's newest checkpoint."""
 
-    def __init__(
-        self, workdir: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = print
-    ):
+    def __init__(self, exp: config.Experiment, params: Any, tokenizer: Any, mesh: Any):
+        """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
+        ids alone (`generate_ids` then never stops early)."""
         import jax
 
-        from lmjax import checkpoint, model, sharding
+        from lmjax import model
+
+        self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
+        self.eos_id = tokenizer.eos_id if tokenizer else -1
+        self.last_tokens = 0  # tokens the last `sample` call produced
+        self._step = _decode_step(exp.model)
+        self._init_cache = jax.jit(functools.partial(model.init_cache, exp.model), static_argnums=1)
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, overrides: Sequence[str] = (), log: Log = print) -> Generator:
+        """The newest checkpoint of the run in `workdir` and its tokenizer, on the run's mesh
+        (`overrides`: `mesh.*=...` for another machine)."""
+        from lmjax import checkpoint, sharding
         from lmjax.data.tokenizer import Tokenizer
 
         workdir = Path(workdir)
-        self.exp = checkpoint.saved_experiment(workdir, list(overrides), log)
-        self.mesh = sharding.make_mesh(self.exp)
-        with self._on_mesh():
-            params, saved_exp = checkpoint.load_params(workdir, self.mesh, log=log)
-        if saved_exp.model != self.exp.model:
+        exp = checkpoint.saved_experiment(workdir, list(overrides), log)
+        mesh = sharding.make_mesh(exp)
+        with sharding.use(mesh, exp.mesh.rules):
+            params, saved_exp = checkpoint.load_params(workdir, mesh, log=log)
+        if saved_exp.model != exp.model:
             raise UserError(f"{workdir} got a new checkpoint of another model while loading; run again")
-        self.params = params
-        self.tokenizer = Tokenizer.load(workdir / "tokenizer.model")
-        self.last_tokens = 0  # tokens the last `sample` call produced
-        self._step = _decode_step(self.exp.model)
-        self._init_cache = jax.jit(functools.partial(model.init_cache, self.exp.model), static_argnums=1)
+        return cls(exp, params, Tokenizer.load(workdir / "tokenizer.model"), mesh)
 
     def sample(
         self,
@@ -174,7 +185,8 @@ class Generator:
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
         with self._on_mesh():
-            cache = self._init_cache(start_B, prompts_BP.shape[1] + max_tokens)
+            slots = -(-(prompts_BP.shape[1] + max_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
+            cache = self._init_cache(start_B, slots)
             next_B, cache = self._step(self.params, prompts_BP, cache, jax.random.fold_in(key, 0), *settings)
             for i in range(max_tokens):
                 token_B = next_B
@@ -184,7 +196,7 @@ class Generator:
                 for b, t in enumerate(np.asarray(token_B)[:rows]):
                     if done[b]:
                         continue
-                    done[b] = t == self.tokenizer.eos_id
+                    done[b] = t == self.eos_id
                     if not done[b]:
                         out[b].append(int(t))
                         if on_tokens:
@@ -209,7 +221,7 @@ class Generator:
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         B = -(-len(prompt_ids) // shards) * shards
         P = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
-        padded = [*prompt_ids, *[[self.tokenizer.bos_id]] * (B - len(prompt_ids))]
+        padded = [*prompt_ids, *[prompt_ids[0]] * (B - len(prompt_ids))]
         prompts_BP = np.zeros((B, P), np.int32)
         start_B = np.array([P - len(p) for p in padded], np.int32)
         for b, p in enumerate(padded):

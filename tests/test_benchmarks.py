@@ -35,6 +35,7 @@ def _benchmark(name: str):
 
 throughput = _benchmark("throughput")
 checkpoint_io = _benchmark("checkpoint_io")
+generate_speed = _benchmark("generate_speed")
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,18 @@ def test_checkpoint_io_records_a_state_it_saved_and_read_back(tmp_path):
     assert r["disk_bytes"] > 0.5 * r["state_bytes"]  # trained-like moments do not compress away
     assert 0 < r["blocking_s"] <= r["commit_s"] and r["restore_s"] > 0 and r["load_params_s"] > 0
     assert len(r["all_s"]["commit"]) == 2 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_generate_speed_records_each_batch_size(tmp_path):
+    """A tiny llama (GQA) on 8 emulated devices, data 4 x tensor 2: batches of 1 and 6 rows
+    (padded to the 4 batch shards), prompt 20 tokens, 6 new."""
+    sets = ("model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64")
+    sets += ("model.n_layers=2", "model.vocab_size=512", "mesh.tensor=2")
+    argv = ["--experiment", "llama_1b", "--batch", "1,6", "--prompt-len", "20", "--new-tokens", "6"]
+    argv += ["--repeats", "1", "--out", str(tmp_path), *(a for s in sets for a in ("--set", s))]
+    assert generate_speed.main(argv) == 0
+    r = json.loads((tmp_path / "generate-llama_1b-cpu8.json").read_text())
+    assert [x["batch"] for x in r["results"]] == [1, 6] and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    for x in r["results"]:
+        assert x["prefill_s"] > 0 and x["decode_tokens_per_s"] > 0
+        assert x["weights_gb_per_s"] == pytest.approx(r["weight_bytes"] / x["ms_per_step"] / 1e6)

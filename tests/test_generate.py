@@ -98,7 +98,7 @@ def test_greedy_is_the_argmax_and_ignores_the_key():
 
 @pytest.fixture(scope="module")
 def generator(short_run):
-    return generate.Generator(short_run, log=lambda m: None)
+    return generate.Generator.from_workdir(short_run, log=lambda m: None)
 
 
 def test_greedy_rows_do_not_depend_on_their_batch(generator):
