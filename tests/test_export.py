@@ -99,6 +99,15 @@ def quiet(_):
     pass
 
 
+def split_padding(name: str, x: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the real vocabulary's part, lmjax's padding) of parameter `name`."""
+    if name.startswith("['embed']"):
+        return x[:V], x[V:]
+    if name.startswith("['head']"):
+        return x[:, :V], x[:, V:]
+    return x, np.zeros(0, x.dtype)
+
+
 def names_of(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -311,15 +320,9 @@ def test_export_then_import_gives_back_the_parameters_bit_for_bit(name, devices,
     assert original.keys() == back.keys()
     V = MODELS[name].vocab_size
     for k, x in original.items():
-        y = back[k]
-        assert x.dtype == y.dtype and x.shape == y.shape, k
-        if k.startswith("['embed']"):  # padding rows: dropped on export, zeros on import
-            x, y, pad = x[:V], y[:V], y[V:]
-        elif k.startswith("['head']"):
-            x, y, pad = x[:, :V], y[:, :V], y[:, V:]
-        else:
-            pad = np.zeros(0)
-        assert np.array_equal(x, y) and not pad.any(), k
+        assert x.dtype == back[k].dtype and x.shape == back[k].shape, k
+        (x, _), (y, pad) = split_padding(k, x, V), split_padding(k, back[k], V)
+        assert np.array_equal(x, y) and not pad.any(), k  # padding: dropped on export, zeros on import
 
 
 def test_warm_start_trains_from_an_imported_checkpoint(imported, tmp_path, capsys):
@@ -445,3 +448,28 @@ def test_export_bad_input_exits_2(runs, tmp_path, capsys):
         assert main(argv) == 2
         (err,) = capsys.readouterr().err.strip().splitlines()
         assert expected in err, err
+
+
+def test_bf16_import_holds_the_bf16_values(exported, runs, tmp_path):
+    assert (
+        main(
+            [
+                "--from-hf",
+                str(exported["llama_bf16"]),
+                "--to",
+                "lmjax",
+                str(tmp_path / "o"),
+                "--dtype",
+                "bf16",
+            ]
+        )
+        == 0
+    )
+    back, exp = checkpoint.load_params(tmp_path / "o", log=quiet)
+    original, _ = checkpoint.load_params(runs["llama"], log=quiet)
+    assert exp.model.param_dtype == "bfloat16"
+    V = MODELS["llama"].vocab_size
+    back = names_of(back)
+    for k, x in names_of(original).items():
+        (x, _), (y, _) = split_padding(k, x, V), split_padding(k, back[k], V)
+        assert y.dtype == ml_dtypes.bfloat16 and np.array_equal(y, x.astype(ml_dtypes.bfloat16)), k
