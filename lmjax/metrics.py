@@ -15,23 +15,30 @@ from lmjax.atomic import write_atomic
 class Logger:
     """Appends to metrics.jsonl, which keeps one consistent history: a run that restarts at
     `first_step` (a resume, or step 0) first moves the lines of later steps, whose work is
-    being redone, to metrics.discarded.jsonl."""
+    being redone, to metrics.discarded.jsonl. `active=False` (all processes but the first of a
+    multi-process run): writes and prints nothing."""
 
-    def __init__(self, workdir: Path, total_steps: int, first_step: int = 0, progress: bool = True):
+    def __init__(
+        self, workdir: Path, total_steps: int, first_step: int = 0, progress: bool = True, active: bool = True
+    ):
         from tqdm import tqdm
 
-        _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
-        self._file = open(workdir / "metrics.jsonl", "a")
+        self._file = None
+        if active:
+            _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
+            self._file = open(workdir / "metrics.jsonl", "a")
         self._bar = tqdm(
             total=total_steps,
             initial=first_step,
-            disable=not progress,
+            disable=not (progress and active),
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
         )
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         shown = {
@@ -43,11 +50,13 @@ class Logger:
         self._bar.update(steps)
 
     def print(self, message: str) -> None:
-        self._bar.write(message, file=sys.stderr)
+        if self._file is not None:
+            self._bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self._bar.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _discard_after(path: Path, step: int, discarded: Path) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lmjax import config
@@ -23,12 +25,37 @@ _RULES: contextvars.ContextVar[config.Rules] = contextvars.ContextVar("lmjax_rul
 
 
 def make_mesh(exp: config.Experiment, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), Auto axis types."""
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), Auto axis types.
+
+    Over several processes the inner axes stay inside a process as far as its devices go
+    (tensor first, then fsdp, then data) and the outer ones span processes, so the
+    bandwidth-hungry tensor collectives use the fast links within a host."""
     devices = list(jax.devices() if devices is None else devices)
     shape = config.mesh_shape(exp, len(devices))
-    return jax.sharding.Mesh(
-        np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES)
-    )
+    processes = len({d.process_index for d in devices})
+    if processes == 1:
+        grid = np.asarray(devices).reshape(shape)
+    else:
+        grid = _across_processes(devices, shape, processes)
+    return jax.sharding.Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _across_processes(devices: list[jax.Device], shape: tuple[int, ...], processes: int) -> np.ndarray:
+    """`devices` laid out in `shape`, each process's devices together in the innermost axes."""
+    per_process = len(devices) // processes
+    inner, left = [1] * len(shape), per_process
+    for axis in reversed(range(len(shape))):  # tensor, fsdp, data: inner axes filled first
+        inner[axis] = math.gcd(shape[axis], left)
+        left //= inner[axis]
+    outer = [size // i for size, i in zip(shape, inner, strict=True)]
+    if left == 1 and per_process * processes == len(devices):
+        try:  # the within-host order that suits the interconnect (TPU topology)
+            return mesh_utils.create_hybrid_device_mesh(inner, outer, devices, process_is_granule=True)
+        except (ValueError, AssertionError, NotImplementedError):
+            pass
+    # An uneven split: each process's devices still lie next to each other.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return np.asarray(ordered).reshape(shape)
 
 
 @contextlib.contextmanager
