@@ -154,12 +154,15 @@ class Train:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100  # 0: only at the end
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out batches per evaluation; 0: the whole validation split
     peak_tflops: float = 0.0  # 0: the datasheet peak of a known device; MFU omitted on CPU
     progress: bool = True
     profile_steps: tuple[int, ...] = ()  # (first, last): jax.profiler trace of these steps
     xla_flags: bool = True  # set lmjax's verified XLA flags for the backend when XLA_FLAGS is unset
     nan_at_step: int = 0  # tests: step N's gradients become NaN, to exercise the non-finite stop
+    # Several processes: one that stops answering (killed, its host lost) ends the others after
+    # this many seconds, rather than leaving them waiting in a collective. JAX's default: 100.
+    heartbeat_timeout_s: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,6 +359,7 @@ RESUME_MAY_CHANGE = (
     "train.profile_steps",
     "train.xla_flags",
     "train.nan_at_step",
+    "train.heartbeat_timeout_s",
     "model.attention",
     "model.remat",
     "model.remat_names",
@@ -585,11 +589,12 @@ _POSITIVE = (
     "train.batch_size",
     "train.microbatches",
     "train.log_every",
-    "train.eval_batches",
+    "train.heartbeat_timeout_s",
     "data.vocab_size",
     "checkpoint.keep",
 )
 _NON_NEGATIVE = (
+    "train.eval_batches",
     "model.n_kv_heads",
     "model.d_ff",
     "model.loss_chunk",

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+_EVAL_LOGGED = ("eval_loss", "eval_perplexity", "eval_bpb")  # the numbers lmjax.evaluate writes
+
+
 class Diverged(Exception):
     """The loss or gradient became non-finite: exit status 3, the last good checkpoint kept."""
 
@@ -67,11 +70,13 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         from lmjax import xla_flags
 
         xla_flags.apply(log=_print)
+    from lmjax import distributed
+
+    distributed.initialize(exp.train.heartbeat_timeout_s, log=_print)  # before anything touches devices
     import jax
 
-    from lmjax import checkpoint, flops, optim, resume, sharding, step
+    from lmjax import checkpoint, evaluate, flops, optim, resume, sharding, step
     from lmjax.data import cache, loader
-    from lmjax.evaluate import HeldOut
     from lmjax.metrics import Logger, StepTrace, Throughput
     from lmjax.stop_signals import StopRequests
 
@@ -95,7 +100,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     tokens_per_step = t.batch_size * m.seq_len
-    log = Logger(workdir, t.steps, first_step=first, progress=t.progress)
+    log = Logger(workdir, t.steps, first_step=first, progress=t.progress, active=distributed.is_main())
     log.print(
         f"{exp.name}: {m.flavour} {count_params(m) / 1e6:.1f}M params, mesh data x fsdp x tensor = "
         f"{' x '.join(map(str, mesh.devices.shape))} on {jax.device_count()} {jax.default_backend()} devices"
@@ -117,14 +122,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         # The next batch goes to the devices while a step runs; its state is that of the batch
         # the next step takes, which is what a checkpoint must hold.
         train_batches = loader.DevicePrefetch(source, lambda b: step.put_batch(b, batch_sh, t.batch_size))
-        held_out = HeldOut(
-            loader.eval_batches(
-                corpus.splits("validation"), corpus.weights, m.seq_len, t.batch_size, t.eval_batches
-            ),
-            corpus.tokenizer.token_bytes(),
-            step.make_eval_step(graphdef, shardings["params"], mesh),
-            batch_sh,
-        )
+        held_out = evaluate.held_out(exp, corpus, graphdef, shardings["params"], mesh, "validation")
         start, throughput = time.time(), Throughput()
         last: dict[str, Any] = {}
 
@@ -179,8 +177,9 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
                     )
                     return last
                 if evaluate_now:
-                    last.update(held_out(state["params"]))
-                    log.write({"step": done, "eval_loss": last["eval_loss"], "eval_bpb": last["eval_bpb"]})
+                    scores = held_out(state["params"])
+                    last.update(scores)
+                    log.write({"step": done, **{k: scores[k] for k in _EVAL_LOGGED}})
                     throughput.restart(done * tokens_per_step)
         finally:
             trace.stop()  # a trace an error cut short
@@ -205,13 +204,21 @@ def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int
 
 
 def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
-    """The resolved config (replaced whole, never half-written) and the tokenizer."""
+    """The resolved config (replaced whole, never half-written) and the tokenizer, by process 0."""
+    from lmjax import distributed
+
+    if not distributed.is_main():
+        return
     write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
 
 
 def _print(message: str) -> None:
-    print(message, file=sys.stderr)
+    """Progress notes, from process 0 only (errors go through main, from every process)."""
+    from lmjax import distributed
+
+    if distributed.is_main():
+        print(message, file=sys.stderr)
 
 
 def _stop_agreed(requested: str) -> bool:
