@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
             _require(
                 Path(args.workdir).is_dir(), f"--workdir {args.workdir} is not a folder; give a run's workdir"
             )
-            _require_empty(dest)
             export_hf(Path(args.workdir), dest, DTYPES.get(args.dtype or ""), _bytes(args.shard_size))
         else:
             _require(fmt == "lmjax", f"--from-hf imports: write --to lmjax DIR, not --to {fmt}")
@@ -70,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"--from-hf {src} has no config.json; give a "
                 "Hugging Face checkpoint folder (as save_pretrained writes it)",
             )
-            _require_empty(dest)
             import_hf(src, dest, DTYPES[args.dtype or "fp32"])
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
@@ -84,6 +83,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     from lmjax.data.tokenizer import Tokenizer
 
     log = log or _print
+    _require_empty(out)
     workdir = workdir.absolute()
     ckpts = checkpoint.Checkpoints(workdir, log=log, read_only=True)  # it may be training now
     try:
@@ -97,7 +97,10 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     dtype = dtype or (m.param_dtype if m.param_dtype in hf_safetensors.DTYPES else "float32")
     hf_cfg = hf_config.hf_config(m, tokenizer.bos_id, tokenizer.eos_id, dtype)
 
-    out.mkdir(parents=True, exist_ok=True)
+    # Written beside OUT and renamed when complete: an interrupted export leaves no OUT to load.
+    final, out = out, out.with_name(f".{out.name}.partial")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     writer = hf_safetensors.Writer(out, hf_layout.hf_tensors(m), dtype, shard_bytes)
     params_dir = ckpts.folder / str(saved.step) / "params"
     groups: dict[tuple[str, ...], list[hf_layout.Link]] = {}
@@ -114,8 +117,11 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     for note in hf_tokenizer.export(tokenizer.model_proto, out, m.seq_len):
         log(note)
+    if final.exists():
+        final.rmdir()  # empty: checked first
+    out.rename(final)
     log(
-        f"exported step {saved.step} of {workdir} to {out} ({hf_cfg['architectures'][0]}, {dtype}, "
+        f"exported step {saved.step} of {workdir} to {final} ({hf_cfg['architectures'][0]}, {dtype}, "
         f"{len(writer.files)} safetensors file(s))"
     )
 
@@ -149,6 +155,7 @@ def _restore(params_dir: Path, names: tuple[str, ...]) -> dict[str, Any]:
 def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -> config.Experiment:
     """Turn the HF checkpoint folder `src` into an lmjax run folder `dest` (step-0 checkpoint)."""
     log = log or _print
+    _require_empty(dest)
     where = src / "config.json"
     try:
         hf_cfg = json.loads(where.read_text())

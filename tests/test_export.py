@@ -162,6 +162,7 @@ def read_hf(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("name", MODELS)
 def test_names_shapes_dtypes_and_config_are_what_transformers_expects(name, exported):
     cfg, tensors = read_hf(exported[name])
+    assert [p.name for p in exported[name].parent.iterdir()] == [name]  # the .partial folder renamed
     assert {k: v.shape for k, v in tensors.items()} == TABLES[name]
     assert {v.dtype for v in tensors.values()} == {np.dtype(np.float32)}
     assert cfg | HF_CONFIG[name] == cfg and cfg["torch_dtype"] == "float32"
