@@ -107,7 +107,12 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     for link in hf_layout.links(m):
         groups.setdefault(link.params, []).append(link)
     for names, group in groups.items():  # one group of stacked parameters in memory at a time
-        arrays = _restore(params_dir, names)
+        try:
+            arrays = _restore(params_dir, names)
+        except Exception as e:  # noqa: BLE001 - damaged or unreadable arrays: the user's to fix
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            shutil.rmtree(out, ignore_errors=True)
+            raise UserError(f"could not read {params_dir} ({type(e).__name__}: {first})") from e
         for link in group:
             for i, name in enumerate(link.names(m.n_layers)):
                 parts = [arrays[p][i] if link.layered else arrays[p] for p in names]
