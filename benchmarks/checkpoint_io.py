@@ -17,9 +17,7 @@ Writes `OUT/checkpoint_io-<experiment>-<platform><devices>.json`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -27,12 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import package_versions
+from measure import record_header
 from throughput import resolve
 
 from lmjax import config
 
 RESULTS = Path(__file__).parent / "results"
+IO_PACKAGES = ("orbax-checkpoint", "tensorstore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,16 +102,7 @@ def measure(exp: config.Experiment, folder: Path, repeats: int) -> dict:
             if r < repeats - 1:
                 shutil.rmtree(run)
     return {
-        "benchmark": "checkpoint_io",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "experiment": exp.name,
-        "platform": jax.default_backend(),
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-        "machine": platform.machine(),
-        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
-        "versions": package_versions(("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore")),
-        "config": config.to_dict(exp),
+        **record_header("checkpoint_io", exp, mesh, ("jax", "jaxlib", "flax", "optax", *IO_PACKAGES)),
         "repeats": repeats,
         "state_bytes": state_bytes,
         "disk_bytes": disk_bytes,

@@ -15,15 +15,13 @@ Writes OUT/generate-<experiment>-<platform><devices>.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from measure import package_versions
+from measure import record_header
 from throughput import resolve
 
 from lmjax import config
@@ -96,16 +94,7 @@ def measure(exp: config.Experiment, batches: list[int], args: argparse.Namespace
             }
         )
     return {
-        "benchmark": "generate",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "experiment": exp.name,
-        "platform": jax.default_backend(),
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-        "machine": platform.machine(),
-        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
-        "versions": package_versions(("jax", "jaxlib", "flax")),
-        "config": config.to_dict(exp),
+        **record_header("generate", exp, mesh, ("jax", "jaxlib", "flax")),
         "weight_bytes": weight_bytes,
         "repeats": args.repeats,
         "results": results,

@@ -5,6 +5,7 @@ functions that need it, so data-only benchmarks can use the version helpers with
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import time
@@ -90,6 +91,27 @@ def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
             return None
 
     return {p: version(p) for p in packages}
+
+
+def record_header(benchmark: str, exp: Any, mesh: Any, packages: Iterable[str]) -> dict[str, Any]:
+    """What every benchmark record starts with: when, which experiment, on what devices and
+    mesh, with which package versions, and the whole config."""
+    import jax
+
+    from lmjax import config
+
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "experiment": exp.name,
+        "platform": jax.default_backend(),
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "machine": platform.machine(),
+        "mesh": dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)),
+        "versions": package_versions(packages),
+        "config": config.to_dict(exp),
+    }
 
 
 def versions() -> dict[str, str | int | None]:

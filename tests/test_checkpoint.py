@@ -294,9 +294,10 @@ def test_restore_on_another_mesh_and_train_on(reference, tmp_path, capsys):
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp_path, capsys):
     truncated = copy_run(reference, tmp_path / "truncated")
-    data_files = [p for p in (truncated / "checkpoints/24/params").rglob("*") if p.parent.name == "d"]
-    biggest = max(data_files, key=lambda p: p.stat().st_size)
-    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    # Every data file cut in half: cutting only the biggest once left a restorable checkpoint
+    # (1 run in ~10 of the suite; OCDBT's layout differs between saves).
+    for data_file in [p for p in (truncated / "checkpoints/24/params").rglob("*") if p.parent.name == "d"]:
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     assert main(argv(truncated, f"train.steps={STEPS + 2}")) == 0
     err = capsys.readouterr().err
     assert "checkpoints/24 is damaged" in err and "resuming from step 20" in err

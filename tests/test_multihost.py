@@ -210,7 +210,7 @@ def logged_lines(workdir: Path) -> list[str]:
 
 def test_a_killed_process_ends_the_other(tmp_path):
     """SIGKILL process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (plus
-    slack for a busy machine), JAX naming the lost process."""
+    slack for a busy machine), JAX naming the lost process or gloo the lost connection."""
     workdir = tmp_path / "run"
     survivor, victim = running(workdir)
     victim.send_signal(signal.SIGKILL)
@@ -222,7 +222,11 @@ def test_a_killed_process_ends_the_other(tmp_path):
         victim.wait()
     assert code != 0 and time.time() - killed < HEARTBEAT_S + 20
     err = workdir.with_name(f"{workdir.name}.p0.log").read_text()
-    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*1\b", err), err[-2000:]
+    # JAX names the lost process when its heartbeats stop. About 1 run in 6, gloo fails first,
+    # in the collective the peer died in (a lost connection, or a message cut short that it
+    # reports as "Received data size doesn't match expected size").
+    lost = r"stopped sending heartbeats\):\s*1\b|Connection (closed|reset) by peer|gloo::EnforceNotMet"
+    assert re.search(lost, err), err[-2000:]
 
 
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tmp_path):

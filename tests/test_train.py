@@ -131,7 +131,7 @@ def test_a_single_step_run_logs_its_step(tmp_path):
     assert main(tiny_train_argv(tmp_path, "train.steps=1")) == 0
     assert [sorted(r) for r in metrics_of(tmp_path)] == [
         ["grad_norm", "loss", "lr", "step", "time", "tokens", "tokens_per_s"],
-        ["eval_bpb", "eval_loss", "step"],
+        ["eval_bpb", "eval_loss", "eval_perplexity", "step"],
     ]
 
 
