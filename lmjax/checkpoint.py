@@ -185,9 +185,29 @@ def load_params(
     return params, saved.exp
 
 
-def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> config.Experiment:
-    """The experiment of the newest checkpoint in `workdir`, with `overrides` (mesh.* mostly)
-    applied and checked against this machine's devices: what generation and evaluation run."""
+# What generation and evaluation may change of a run's experiment: how they run, not shapes.
+READ_MAY_CHANGE = (
+    "mesh.",
+    "train.batch_size",
+    "model.attention",
+    "model.dtype",
+    "model.scan_layers",
+    "model.remat",
+    "model.loss_chunk",
+)
+
+
+def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> Saved:
+    """The newest checkpoint's step and JSON items in `workdir`, its experiment with `overrides`
+    (READ_MAY_CHANGE: the mesh mostly) applied and checked against this machine's devices: what
+    generation and evaluation run."""
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if not key.startswith(READ_MAY_CHANGE):
+            raise UserError(
+                f"--set {key}: reading a run may change only {', '.join(READ_MAY_CHANGE)}; the "
+                "rest is the checkpoint's"
+            )
     ckpts = Checkpoints(workdir, log=log, read_only=True)
     try:
         saved = ckpts.newest_readable()
@@ -198,7 +218,7 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> c
     exp = config.apply_overrides(saved.exp, overrides)
     config.validate(exp)
     config.mesh_shape(exp, jax.device_count())
-    return exp
+    return dataclasses.replace(saved, exp=exp)
 
 
 def _no_checkpoint(workdir: Path) -> UserError:

@@ -56,9 +56,11 @@ class HeldOut:
         }
 
 
-def held_out(exp: Any, corpus: Any, graphdef: Any, param_shardings: Any, mesh: Any, split: str) -> HeldOut:
-    """The evaluation of `exp`'s run on `split` of `corpus`, on `mesh`; each host builds only
-    the rows its devices hold."""
+def held_out(
+    exp: Any, corpus: Any, graphdef: Any, param_shardings: Any, mesh: Any, split: str, n_batches: int
+) -> HeldOut:
+    """The evaluation of `exp`'s run on `n_batches` batches of `split` of `corpus` (0: all of
+    it), on `mesh`; each host builds only the rows its devices hold."""
     from lmjax import sharding, step
     from lmjax.data import loader
 
@@ -69,7 +71,7 @@ def held_out(exp: Any, corpus: Any, graphdef: Any, param_shardings: Any, mesh: A
         corpus.weights,
         m.seq_len,
         t.batch_size,
-        t.eval_batches if split == "validation" else 0,
+        n_batches,
         rows=sharding.host_rows(batch_sh, t.batch_size),
     )
     eval_step = step.make_eval_step(graphdef, param_shardings, mesh, corpus.tokenizer.token_bytes())
@@ -106,7 +108,7 @@ def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] 
     also written to `workdir/eval.json`."""
     from lmjax import checkpoint, config
 
-    exp = checkpoint.saved_experiment(workdir, [*overrides, "train.eval_batches=0"], log=_print)
+    exp = checkpoint.saved_experiment(workdir, list(overrides), log=_print).exp
     import jax
 
     from lmjax import sharding, step
@@ -127,7 +129,7 @@ def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] 
         params, saved = checkpoint.load_newest(workdir, mesh, log=_print)
         graphdef, _ = step.abstract_model(exp.model)
         shardings = jax.tree.map(lambda a: a.sharding, params)
-        scores = held_out(exp, corpus, graphdef, shardings, mesh, split)(params)
+        scores = held_out(exp, corpus, graphdef, shardings, mesh, split, n_batches=0)(params)
     result = {
         "step": saved.step,
         "split": split,
@@ -136,11 +138,11 @@ def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] 
         "bits_per_byte": scores["eval_bpb"],
         "tokens": scores["eval_tokens"],
         "bytes": scores["eval_bytes"],
-        "seq_len": saved.exp.model.seq_len,
+        "seq_len": exp.model.seq_len,
         "data": corpus.entry.name,
         "seconds": round(time.time() - started, 2),
         "devices": f"{jax.device_count()} {jax.devices()[0].device_kind}",
-        "config": config.to_dict(saved.exp),
+        "config": config.to_dict(exp),
     }
     write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
     return result

@@ -107,14 +107,17 @@ class Generator:
     """Parameters on a mesh, the tokenizer, and the compiled decode step: `from_workdir` for a
     run's newest checkpoint."""
 
-    def __init__(self, exp: config.Experiment, params: Any, tokenizer: Any, mesh: Any):
+    def __init__(
+        self, exp: config.Experiment, params: Any, tokenizer: Any, mesh: Any, log: Log | None = None
+    ):
         """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
-        ids alone (`generate_ids` then never stops early)."""
+        ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr)."""
         import jax
 
         from lmjax import model
 
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
+        self.log = log or _print
         self.eos_id = tokenizer.eos_id if tokenizer else -1
         self.last_tokens = 0  # tokens the last `sample` call produced
         self._step = _decode_step(exp.model)
@@ -128,13 +131,11 @@ class Generator:
         from lmjax.data.tokenizer import Tokenizer
 
         workdir = Path(workdir)
-        exp = checkpoint.saved_experiment(workdir, list(overrides), log)
+        exp = checkpoint.saved_experiment(workdir, list(overrides), log).exp
         mesh = sharding.make_mesh(exp)
-        with sharding.use(mesh, exp.mesh.rules):
-            params, saved_exp = checkpoint.load_params(workdir, mesh, log=log)
-        if saved_exp.model != exp.model:
-            raise UserError(f"{workdir} got a new checkpoint of another model while loading; run again")
-        return cls(exp, params, Tokenizer.load(workdir / "tokenizer.model"), mesh)
+        with sharding.use(mesh, exp.mesh.rules):  # every checkpoint of a run has the same shapes
+            params, _ = checkpoint.load_params(workdir, mesh, log=log)
+        return cls(exp, params, Tokenizer.load(workdir / "tokenizer.model"), mesh, log)
 
     def sample(
         self,
@@ -162,6 +163,10 @@ class Generator:
 
         out = self.generate_ids(ids, max_tokens, temperature, top_k, top_p, seed, on_tokens)
         self.last_tokens = sum(map(len, out))
+        for row, stream in enumerate(streams):  # what a character cut short held back
+            tail = stream.finish()
+            if on_text and tail:
+                on_text(row, tail)
         return [tok.decode(row) for row in out]
 
     def generate_ids(
@@ -212,12 +217,15 @@ class Generator:
 
         context = self.exp.model.seq_len
         longest = max(map(len, prompt_ids))
-        if longest >= context:
+        if longest > context:
             raise UserError(
                 f"a prompt is {longest} tokens (with <s>) but the model's context, model.seq_len, is "
                 f"{context}; shorten the prompt"
             )
-        max_tokens = min(max_tokens, context - longest)  # learned positions end at seq_len
+        # Positions end at seq_len - 1 (GPT-2's are learned): the last new token is never fed back.
+        if max_tokens > context - longest + 1:
+            max_tokens = context - longest + 1
+            self.log(f"max tokens cut to {max_tokens}: the longest prompt leaves that much of the context")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         B = -(-len(prompt_ids) // shards) * shards
         P = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
@@ -247,6 +255,12 @@ class _TextStream:
         new, self._shown = text[self._shown :], max(self._shown, len(text))
         return new
 
+    def finish(self) -> str:
+        """The rest, a character cut short included (as U+FFFD): the row is done."""
+        text = self._decode(self._ids)
+        rest, self._shown = text[self._shown :], len(text)
+        return rest
+
 
 def _decode_step(cfg: config.Model) -> Callable:
     """(params, tokens_BT, cache, key, temperature, top_k, top_p) -> (next ids [B], cache):
@@ -259,8 +273,8 @@ def _decode_step(cfg: config.Model) -> Callable:
     graphdef, _ = step.abstract_model(cfg)
 
     def decode(params, tokens_BT, cache, key, temperature, top_k, top_p):
-        logits_BTV, cache = nnx.merge(graphdef, params).decode(tokens_BT, cache)
-        return sampling.choose(logits_BTV[:, -1], key, temperature, top_k, top_p), cache
+        logits_B1V, cache = nnx.merge(graphdef, params).decode(tokens_BT, cache, last_only=True)
+        return sampling.choose(logits_B1V[:, 0], key, temperature, top_k, top_p), cache
 
     return jax.jit(decode, donate_argnums=2)
 

@@ -135,29 +135,34 @@ class Transformer(nnx.Module):
                 x_BTD, _ = block_fn(x_BTD, {k: v[i] for k, v in layers.items()})
         return self._final_norm(x_BTD)
 
-    def decode(self, tokens_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Logits `[B, T, V]` of T tokens that follow the cache's, and the cache with their keys
-        and values added: the prompt at once (prefill), then one token at a time."""
+    def decode(
+        self, tokens_BT: jax.Array, cache: KVCache, last_only: bool = False
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits `[B, T, V]` of T tokens that follow the cache's (`[B, 1, V]`, the last
+        position's, with `last_only`), and the cache with their keys and values added: the
+        prompt at once (prefill), then one token at a time."""
         cfg = self.cfg
         slots_T = cache.length + jnp.arange(tokens_BT.shape[1])
         positions_BT = jnp.maximum(slots_T[None] - cache.start_B[:, None], 0)  # 0 on padding
-        x_BTD = self._embed(tokens_BT, positions_BT)
         block_fn = functools.partial(_block, cfg=cfg, segment_ids_BT=None, positions_BT=positions_BT)
 
-        def layer(x_BTD, p_and_kv):
-            p, k_BSKE, v_BSKE = p_and_kv
-            return block_fn(x_BTD, p, kv=(k_BSKE, v_BSKE, slots_T, cache.start_B))
+        # The whole cache is carried through the layers and each writes its slice in place, so
+        # a step copies none of it.
+        def layer(carry, p):
+            x_BTD, k_LBSKE, v_LBSKE, i = carry
+            x_BTD, (k_LBSKE, v_LBSKE) = block_fn(x_BTD, p, kv=(k_LBSKE, v_LBSKE, i, slots_T, cache.start_B))
+            return (x_BTD, k_LBSKE, v_LBSKE, i + 1), None
 
+        carry = (self._embed(tokens_BT, positions_BT), cache.k_LBSKE, cache.v_LBSKE, 0)
         layers = self.layers.arrays(jnp.dtype(cfg.dtype))
         if cfg.scan_layers:
-            x_BTD, (k_LBSKE, v_LBSKE) = jax.lax.scan(layer, x_BTD, (layers, cache.k_LBSKE, cache.v_LBSKE))
+            carry, _ = jax.lax.scan(layer, (*carry[:3], jnp.zeros((), jnp.int32)), layers)
         else:
-            kv = []
             for i in range(cfg.n_layers):
-                p = {k: v[i] for k, v in layers.items()}
-                x_BTD, kv_i = layer(x_BTD, (p, cache.k_LBSKE[i], cache.v_LBSKE[i]))
-                kv.append(kv_i)
-            k_LBSKE, v_LBSKE = (jnp.stack(a) for a in zip(*kv, strict=True))
+                carry, _ = layer(carry, {k: v[i] for k, v in layers.items()})
+        x_BTD, k_LBSKE, v_LBSKE, _ = carry
+        if last_only:  # a prefill needs only the next token's logits, not [B, P, V] of them
+            x_BTD = x_BTD[:, -1:]
         new_cache = KVCache(
             constrain(k_LBSKE, _CACHE_NAMES),
             constrain(v_LBSKE, _CACHE_NAMES),
@@ -254,9 +259,9 @@ def _block(
     positions_BT: jax.Array,
     kv: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One transformer block. With `kv` = (k_BSKE, v_BSKE, slots_T, start_B), a layer's cache:
-    the new keys and values go into it at `slots_T` and the queries attend to it; returns the
-    block's output and the updated (k, v) cache (None without one)."""
+    """One transformer block. With `kv` = (k_LBSKE, v_LBSKE, layer index, slots_T, start_B), the
+    cache: the new keys and values go into this layer's slice at `slots_T` and the queries
+    attend to it; returns the block's output and the updated (k, v) cache (None without one)."""
     gpt2 = cfg.flavour == "gpt2"
     h_BTD = _norm(cfg, x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"))
     q_BTHE = jnp.einsum("btd,dhe->bthe", h_BTD, p["w_q"])
@@ -275,13 +280,13 @@ def _block(
         o_BTHE = kernel(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
         new_kv = None
     else:
-        k_BSKE, v_BSKE, slots_T, start_B = kv
-        at = (0, slots_T[0], 0, 0)
+        k_LBSKE, v_LBSKE, i, slots_T, start_B = kv
+        at = (i, 0, slots_T[0], 0, 0)
         new_kv = (
-            jax.lax.dynamic_update_slice(k_BSKE, k_BTKE.astype(k_BSKE.dtype), at),
-            jax.lax.dynamic_update_slice(v_BSKE, v_BTKE.astype(v_BSKE.dtype), at),
+            jax.lax.dynamic_update_slice(k_LBSKE, k_BTKE.astype(k_LBSKE.dtype)[None], at),
+            jax.lax.dynamic_update_slice(v_LBSKE, v_BTKE.astype(v_LBSKE.dtype)[None], at),
         )
-        o_BTHE = cached_attention(q_BTHE, *new_kv, slots_T, start_B)
+        o_BTHE = cached_attention(q_BTHE, new_kv[0][i], new_kv[1][i], slots_T, start_B)
     o_BTHE = checkpoint_name(o_BTHE, "attn_out")
     attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)

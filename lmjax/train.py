@@ -122,7 +122,9 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         # The next batch goes to the devices while a step runs; its state is that of the batch
         # the next step takes, which is what a checkpoint must hold.
         train_batches = loader.DevicePrefetch(source, lambda b: step.put_batch(b, batch_sh, t.batch_size))
-        held_out = evaluate.held_out(exp, corpus, graphdef, shardings["params"], mesh, "validation")
+        held_out = evaluate.held_out(
+            exp, corpus, graphdef, shardings["params"], mesh, "validation", t.eval_batches
+        )
         start, throughput = time.time(), Throughput()
         last: dict[str, Any] = {}
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_experiment
 from flax import nnx
 
-from lmjax import generate, model, sampling, sharding
+from lmjax import generate, model, sampling, sharding, step
 
 # (prompt length, tokens decoded one at a time after it) per row: rows of different lengths.
 ROWS = [(5, 4), (11, 4), (2, 4), (8, 4)]
@@ -88,6 +88,14 @@ def test_sampling_never_leaves_the_allowed_set(top_k, top_p):
             assert set(drawn_NB[:, b].tolist()) == allowed
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    logits_BV = jax.random.normal(jax.random.key(4), (4, 64)) * 3
+    key = jax.random.key(5)
+    drawn = sampling.choose(logits_BV, key, temperature, 0, 1.0)
+    np.testing.assert_array_equal(drawn, jax.random.categorical(key, logits_BV / temperature, axis=-1))
+
+
 def test_greedy_is_the_argmax_and_ignores_the_key():
     logits_BV = jax.random.normal(jax.random.key(3), (4, 64))
     a = sampling.choose(logits_BV, jax.random.key(0), 0.0, 0, 1.0)
@@ -98,13 +106,27 @@ def test_greedy_is_the_argmax_and_ignores_the_key():
 
 @pytest.fixture(scope="module")
 def generator(short_run):
-    return generate.Generator.from_workdir(short_run, log=lambda m: None)
+    return generate.Generator.from_workdir(short_run)
 
 
-def test_greedy_rows_do_not_depend_on_their_batch(generator):
-    """A prompt's greedy continuation is the same alone as beside longer and shorter prompts
-    (left padding and per-row positions), and the same on every call. The weights get noise:
-    8 steps of training answer every prompt alike (newlines), which would prove nothing."""
+def _naive_greedy(generator, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence through the full forward pass for
+    every new token, no cache, no padding."""
+    model = nnx.merge(step.abstract_model(generator.exp.model)[0], generator.params)
+    ids = list(prompt)
+    for _ in range(n):
+        next_id = int(jnp.argmax(model(jnp.asarray(ids)[None])[0, -1]))
+        if next_id == generator.eos_id:
+            break
+        ids.append(next_id)
+    return ids[len(prompt) :]
+
+
+def test_greedy_decoding_equals_the_full_forward_pass_row_by_row(generator, capsys):
+    """Prompts of 2 to 25 tokens in one batch (they straddle the 16-token prompt bucket, so rows
+    are padded differently together and alone): each row's greedy tokens are those of the full
+    forward pass run on that row alone, to the end of the context. The weights get noise: 8
+    steps of training answer every prompt alike (newlines), which would prove little."""
     trained = generator.params
     leaves, treedef = jax.tree.flatten(trained)
     keys = jax.random.split(jax.random.key(0), len(leaves))
@@ -112,17 +134,24 @@ def test_greedy_rows_do_not_depend_on_their_batch(generator):
     generator.params = jax.tree.unflatten(treedef, noisy)
     try:
         tok = generator.tokenizer
-        prompts = [
-            [tok.bos_id, *tok.encode(p)]
-            for p in ["def main(", "import os\n\nclass P:\n    def", "    return x"]
-        ]
-        together = generator.generate_ids(prompts, max_tokens=12)
-        alone = [generator.generate_ids([p], max_tokens=12)[0] for p in prompts]
-        assert len({tuple(ids) for ids in together}) == 3 and all(together)  # not all alike
-        assert together == alone
-        assert generator.generate_ids(prompts, max_tokens=12) == together
+        texts = ["x", "def main(", "import os\n\nclass P(object):\n    def f"]
+        prompts = [[tok.bos_id, *tok.encode(t)] for t in texts]
+        assert [len(p) for p in prompts][0] == 2 and 16 < max(map(len, prompts)) < 26
+        context = generator.exp.model.seq_len
+        together = generator.generate_ids(prompts, max_tokens=40)
+        assert "max tokens cut to" in capsys.readouterr().out
+        assert len({tuple(ids) for ids in together}) == 3  # not all alike (one may end at once)
+        for prompt, ids in zip(prompts, together, strict=True):
+            room = context - max(map(len, prompts)) + 1  # the longest prompt sets the limit
+            assert ids == _naive_greedy(generator, prompt, room)
+            assert generator.generate_ids([prompt], max_tokens=room)[0] == ids
     finally:
         generator.params = trained
+
+
+def test_a_prompt_as_long_as_the_context_gets_one_token(generator):
+    prompt = [generator.tokenizer.bos_id] + [5] * (generator.exp.model.seq_len - 1)
+    assert len(generator.generate_ids([prompt], max_tokens=5)[0]) <= 1
 
 
 def test_seeded_sampling_is_reproducible(generator):
@@ -140,6 +169,19 @@ def test_sample_streams_what_it_returns(generator):
     )
     for row, text in enumerate(texts):
         assert "".join(t for r, t in pieces if r == row) == text
+
+
+def test_a_stream_cut_inside_a_character_still_hands_out_all_the_text(stdlib_corpus):
+    """Byte pieces of one character arrive one at a time; where the row stops inside a
+    character, `finish` hands out what was held back, so the stream equals the decoded text."""
+    tok = stdlib_corpus.tokenizer
+    ids = tok.encode("a\u00e9\u20ac\U0001f600b")
+    assert len(ids) > 5  # byte fallback: several ids per character
+    for cut in range(1, len(ids) + 1):
+        stream = generate._TextStream(tok.decode)
+        pieces = [stream.add([i]) for i in ids[:cut]]
+        assert "\ufffd" not in "".join(pieces)  # a character cut short is held back...
+        assert "".join(pieces) + stream.finish() == tok.decode(ids[:cut])  # ...until the end
 
 
 def test_generate_cli_smoke(short_run, capsys):
@@ -165,6 +207,7 @@ def test_generate_cli_smoke(short_run, capsys):
         (["--top-p", "0"], "--top-p 0.0: give a value in (0, 1]"),
         (["--max-tokens", "0"], "--max-tokens 0"),
         (["--prompt", "x" * 200], "model.seq_len, is 32"),
+        (["--set", "model.d_model=64"], "--set model.d_model: reading a run may change only mesh."),
     ],
 )
 def test_generate_user_errors_exit_2(short_run, capsys, extra, expected):
