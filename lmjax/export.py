@@ -13,8 +13,10 @@ tokenizer.model and a step-0 checkpoint that `checkpoint.load_params` reads onto
 Memory: export restores one group of stacked lmjax parameters at a time (Orbax partial
 restore: all layers of the weights one HF tensor is made of, e.g. GPT-2's q, k and v for
 c_attn) and writes each layer's tensor straight into its place in the file. Import reads one
-tensor at a time but holds the whole model in `--dtype` before Orbax writes it, and Orbax
-copies it again to save it: about 3.4 times the model at the peak (README).
+tensor at a time but holds the whole model in `--dtype` (in host memory, also on a GPU host)
+before Orbax writes it, and Orbax copies it again to save it: about 3.4 times the model at
+the peak (README). Both build into a `.NAME.partial` folder beside the destination and rename
+it when complete, so a failure leaves no half-written folder.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lmjax import config, hf_config, hf_layout, hf_safetensors, hf_tokenizer
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
 
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes import reads
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 Log = Callable[[str], None]
@@ -99,9 +102,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     hf_cfg = hf_config.hf_config(m, tokenizer.bos_id, tokenizer.eos_id, dtype)
 
     # Written beside OUT and renamed when complete: an interrupted export leaves no OUT to load.
-    final, out = out, out.with_name(f".{out.name}.partial")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    final, out = out, _partial(out)
     writer = hf_safetensors.Writer(out, hf_layout.hf_tensors(m), dtype, shard_bytes)
     params_dir = ckpts.folder / str(saved.step) / "params"
     groups: dict[tuple[str, ...], list[hf_layout.Link]] = {}
@@ -121,11 +122,9 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
         del arrays
     writer.close()
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    for note in hf_tokenizer.export(tokenizer.model_proto, out, m.seq_len):
+    for note in hf_tokenizer.export(tokenizer.model_proto, out, m.seq_len, shown=final):
         log(note)
-    if final.exists():
-        final.rmdir()  # empty: checked first
-    out.rename(final)
+    _finish(out, final)
     log(
         f"exported step {saved.step} of {workdir} to {final} ({hf_cfg['architectures'][0]}, {dtype}, "
         f"{len(writer.files)} safetensors file(s))"
@@ -162,6 +161,7 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
     """Turn the HF checkpoint folder `src` into an lmjax run folder `dest` (step-0 checkpoint)."""
     log = log or _print
     _require_empty(dest)
+    dest = dest.absolute()
     where = src / "config.json"
     try:
         hf_cfg = json.loads(where.read_text())
@@ -186,7 +186,7 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
     from lmjax import checkpoint, step
 
     by_param = {p: (link, k) for link in hf_layout.links(m) for k, p in enumerate(link.params)}
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.SingleDeviceSharding(host_device())  # not an accelerator's memory
 
     def load(path: tuple, abstract: jax.ShapeDtypeStruct) -> jax.Array:
         link, k = by_param[".".join(str(getattr(p, "key", "")) for p in path if hasattr(p, "key"))]
@@ -198,15 +198,24 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
     params = jax.tree_util.tree_map_with_path(load, abstract)
     assert isinstance(params, nnx.State)
     exp = config.Experiment(name=f"hf-{src.absolute().name}", model=m, data=config.Data(vocab_size=n_pieces))
-    dest = dest.absolute()
-    ckpts = checkpoint.Checkpoints(dest, log=log)
-    # A warm start reads only the parameters; "identity" keeps this folder from being resumed as a run.
-    data = {"loader": {}, "corpus": "", "identity": f"imported from {src.absolute()}"}
-    ckpts.save({"params": params, "step": jax.numpy.zeros((), jax.numpy.int32)}, data, exp)
-    ckpts.wait()
-    ckpts.close()
-    write_atomic(dest / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
-    write_atomic(dest / "tokenizer.model", proto)
+    # Built beside DIR and renamed when complete: a failed import leaves no DIR (and a rerun works).
+    partial = _partial(dest)
+    try:
+        ckpts = checkpoint.Checkpoints(partial, log=log)
+        # A warm start reads only the parameters; "identity" keeps this folder from being resumed as a run.
+        data = {"loader": {}, "corpus": "", "identity": f"imported from {src.absolute()}"}
+        try:
+            ckpts.save({"params": params, "step": jax.numpy.zeros((), jax.numpy.int32)}, data, exp)
+            ckpts.wait()
+        finally:
+            ckpts.close()
+        del params
+        write_atomic(partial / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
+        write_atomic(partial / "tokenizer.model", proto)
+        _finish(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     log(
         f"imported {src} ({hf_cfg['architectures'][0]}) into {dest}; train from it with "
         f"--set checkpoint.init_from={dest} {' '.join(model_sets(m, n_pieces))}"
@@ -238,6 +247,11 @@ def _check_tensors(reader: hf_safetensors.Reader, m: config.Model, src: Path) ->
             raise UserError(f"{src}: tensor {name} is missing; {arch} needs it with shape {shape}")
         if reader.shape(name) != shape:
             raise UserError(f"{src}: tensor {name} has shape {reader.shape(name)} but {arch} needs {shape}")
+        if reader.dtype(name) not in FLOAT_DTYPES:
+            raise UserError(
+                f"{src}: tensor {name} is {reader.dtype(name)}; lmjax imports floating-point weights "
+                f"only ({', '.join(FLOAT_DTYPES)})"
+            )
     extra = sorted(names - set(wanted) - ({"lm_head.weight"} if m.tied else set()))  # tied copies
     if extra:
         raise UserError(
@@ -252,8 +266,38 @@ def _bytes(text: str) -> int:
     return max(1, int(float(found[1]) * UNITS[found[2]]))
 
 
+def host_device() -> Any:
+    """The host's CPU device, where import assembles the model (on a GPU or TPU host the default
+    device is an accelerator, which the whole model would then have to fit in); the first local
+    device where the CPU backend is not loaded (JAX_PLATFORMS naming accelerators only)."""
+    import jax
+
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # "Unknown backend cpu" / "Backend 'cpu' failed to initialize"
+        return jax.local_devices()[0]
+
+
 def _require_empty(dest: Path) -> None:
+    _require(not dest.exists() or dest.is_dir(), f"{dest} is a file; give a new folder")
     _require(not dest.exists() or not any(dest.iterdir()), f"{dest} is not empty; give a new folder")
+
+
+def _partial(dest: Path) -> Path:
+    """A fresh, empty `.NAME.partial` folder beside `dest`, to be renamed `dest` when complete."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot create {partial} ({e.strerror}); give a new folder elsewhere") from None
+    return partial
+
+
+def _finish(partial: Path, dest: Path) -> None:
+    if dest.exists():
+        dest.rmdir()  # empty: checked first
+    partial.rename(dest)
 
 
 def _require(ok: bool, message: str) -> None:

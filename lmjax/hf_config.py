@@ -79,7 +79,8 @@ def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.M
         )
     flavour = flavours[0]
     if flavour == "gpt2":
-        _refuse(cfg, where, "activation_function", lambda v: v in GELU_TANH, "gelu_new")
+        # Absent: GPT2Config's default, gelu_new.
+        _refuse(cfg, where, "activation_function", lambda v: v is None or v in GELU_TANH, "gelu_new")
         _refuse(cfg, where, "scale_attn_weights", lambda v: v in (None, True), True)
         for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             _refuse(cfg, where, key, lambda v: not v, False)
@@ -94,8 +95,9 @@ def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.M
         )
     else:
         _refuse(cfg, where, "hidden_act", lambda v: v in (None, "silu"), "silu")
-        for key in ("attention_bias", "mlp_bias", "rope_scaling"):
+        for key in ("attention_bias", "mlp_bias"):
             _refuse(cfg, where, key, lambda v: not v, None)
+        _refuse(cfg, where, "rope_scaling", _no_scaling, None)
         rope = cfg.get("rope_parameters") or {}
         _refuse(
             rope, where, "rope_parameters.rope_type", lambda v: v in (None, "default"), "default", "rope_type"
@@ -127,6 +129,15 @@ def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.M
     except UserError as e:
         raise UserError(f"{where} describes a model lmjax cannot build: {e}") from None
     return m
+
+
+def _no_scaling(rope_scaling: Any) -> bool:
+    """None, {} or a "default" rope type (older configs spell it "type"): plain RoPE."""
+    if not rope_scaling:
+        return True
+    if not isinstance(rope_scaling, dict):
+        return False
+    return rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
 
 
 def _int(cfg: dict[str, Any], where: str, key: str) -> int:

@@ -76,7 +76,10 @@ class Writer:
             raise ValueError(f"{name}: shape {x.shape}, planned {shape}")
         f = self._open[path]
         f.seek(offset)  # type: ignore[attr-defined]
-        f.write(np.ascontiguousarray(x, self.dtype.newbyteorder("<")).tobytes())  # type: ignore[attr-defined]
+        # One copy at most (none when x is already contiguous in the stored dtype), written
+        # from its own memory: `.tobytes()` would make a second.
+        data = np.ascontiguousarray(x, self.dtype.newbyteorder("<"))
+        f.write(data.reshape(-1).view(np.uint8))  # type: ignore[attr-defined]
         self.left.discard(name)
 
     def close(self) -> None:
@@ -94,11 +97,8 @@ class Reader:
     """The tensors of a Hugging Face checkpoint folder (one file, or shards with an index)."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _shards(folder / INDEX)
         elif (folder / SINGLE).is_file():
             files = [SINGLE]
         else:
@@ -107,7 +107,7 @@ class Reader:
                 f"{folder} has no {SINGLE} or {INDEX} ({found}); lmjax reads safetensors only: "
                 "save the model with save_pretrained(..., safe_serialization=True)"
             )
-        self._files = [safe_open(str(folder / name), framework="numpy") for name in files]
+        self._files = [_open(folder / name) for name in files]
         self.file_of: dict[str, object] = {}
         for f in self._files:
             for key in f.keys():
@@ -117,5 +117,41 @@ class Reader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.file_of[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype, as safetensors names it ("F32", "BF16", "I64", ...)."""
+        return str(self.file_of[name].get_slice(name).get_dtype())  # type: ignore[attr-defined]
+
     def get(self, name: str) -> np.ndarray:
         return self.file_of[name].get_tensor(name)  # type: ignore[attr-defined]
+
+
+def _shards(index: Path) -> list[str]:
+    """The files a `model.safetensors.index.json` names, checked to be there."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        if not files or not all(isinstance(f, str) for f in files):
+            raise ValueError("no files in weight_map")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise UserError(
+            f"{index} is not a safetensors index ({type(e).__name__}: {e}); it should be JSON with a "
+            '"weight_map" from tensor names to files: download it again, or remove it if '
+            f"{SINGLE} holds every tensor"
+        ) from None
+    for name in files:
+        if not (index.parent / name).is_file():
+            raise UserError(f"{index} names {name}, which is not in {index.parent}; download that shard")
+    return files
+
+
+def _open(path: Path) -> object:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # noqa: BLE001 - SafetensorError (not exported as a class) or OSError
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {first}); "
+            "it may be truncated or damaged: download it again"
+        ) from None

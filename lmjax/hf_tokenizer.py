@@ -10,6 +10,14 @@ from reading the literal text "<s>" as BOS, as sentencepiece does. Unigram model
 tokenizer.json: one built by `tokenizers.models.Unigram` differed from sentencepiece on 1 of
 60 held-out stdlib files (a Viterbi tie).
 
+Without tokenizer.json, `tokenizer_config.json` names `LlamaTokenizer`, and `AutoTokenizer`
+(use_fast=True) converts tokenizer.model with transformers' LlamaConverter (legacy): BPE,
+spaces replaced by "▁", one "▁" prepended when `add_prefix_space` (set from the model's own
+add_dummy_prefix, as LLaMA-2's), and sentencepiece's normalisation rules and whitespace
+removal ignored. Where that differs from sentencepiece (a normalisation other than identity,
+removed spaces, a unigram model) the export says so, and `use_fast=False` loads the
+sentencepiece tokenizer itself (reading transformers' convert_slow_tokenizer.py, not run).
+
 Import reads a sentencepiece `tokenizer.model` only: lmjax's data pipeline, bits-per-byte and
 generation tokenize with sentencepiece, and a `tokenizer.json`-only folder (GPT-2's byte-level
 BPE, LLaMA 3's tiktoken BPE) has no sentencepiece equivalent.
@@ -26,8 +34,9 @@ from lmjax.data.tokenizer import Tokenizer
 SPACE = "\u2581"  # sentencepiece's mark for a space
 
 
-def export(model_proto: bytes, out: Path, seq_len: int) -> list[str]:
-    """Write the tokenizer files into `out`; returns notes on what could not be written."""
+def export(model_proto: bytes, out: Path, seq_len: int, shown: Path | None = None) -> list[str]:
+    """Write the tokenizer files into `out` (to be shown as `shown`); returns notes on what
+    could not be written and how to load what was."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tok = Tokenizer(model_proto)
@@ -40,27 +49,36 @@ def export(model_proto: bytes, out: Path, seq_len: int) -> list[str]:
     _write_json(out / "special_tokens_map.json", special)
     notes, fast = [], False
     why_not = _why_no_tokenizer_json(proto)
-    if why_not:
-        notes.append(
-            f"no tokenizer.json: {why_not}; tokenizer.model loads with LlamaTokenizer (sentencepiece)"
-        )
-    else:
+    if not why_not:
         try:
             _tokenizer_json(proto, tok.bos_id).save(str(out / "tokenizer.json"))
             fast = True
         except ImportError:
-            notes.append("no tokenizer.json: pip install tokenizers (lmjax[hf]) to write one")
+            why_not = "pip install tokenizers (lmjax[hf]) to write one"
+    if why_not:
+        unfaithful = _why_fast_conversion_differs(proto)
+        if unfaithful:
+            how = (
+                f"transformers' default fast conversion of tokenizer.model would encode differently "
+                f"({unfaithful}): load it with AutoTokenizer.from_pretrained({shown or out}, "
+                "use_fast=False) (sentencepiece)"
+            )
+        else:
+            how = "AutoTokenizer converts tokenizer.model to LlamaTokenizerFast, which encodes the same"
+        notes.append(f"no tokenizer.json ({why_not}); {how}")
     _write_json(
         out / "tokenizer_config.json",
         {
-            # Fast: exactly tokenizer.json. Slow: sentencepiece on tokenizer.model, as is
-            # (legacy=True and no added prefix space: lmjax's models add no dummy prefix).
+            # Fast: exactly tokenizer.json. Otherwise LlamaTokenizer: legacy=True runs sentencepiece
+            # on tokenizer.model as is (use_fast=False); AutoTokenizer's default converts it with
+            # LlamaConverter, which drops sentencepiece's normalizer and prepends "▁" only when
+            # add_prefix_space says so: the model's own dummy prefix.
             "tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
             **special,
             "add_bos_token": True,
             "add_eos_token": False,
             "legacy": True,
-            "add_prefix_space": False,
+            "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix),
             "clean_up_tokenization_spaces": False,
             "split_special_tokens": True,  # the text "<s>" is three pieces, as in sentencepiece
             "model_max_length": seq_len,
@@ -75,6 +93,20 @@ def _why_no_tokenizer_json(proto) -> str:
         return "its normalisation is not lmjax's lossless one (identity, no dummy prefix, spaces kept)"
     if proto.trainer_spec.model_type != 2:  # BPE
         return "only BPE models convert exactly"
+    return ""
+
+
+def _why_fast_conversion_differs(proto) -> str:
+    """Why transformers' LlamaConverter (a BPE model, spaces as "▁", "▁" prepended when
+    add_prefix_space) would not encode as sentencepiece does with `proto`; "" when it would."""
+    n = proto.normalizer_spec
+    if n.precompiled_charsmap or n.name not in ("", "identity"):
+        return f"it drops sentencepiece's {n.name or 'custom'} normalisation"
+    if n.remove_extra_whitespaces:
+        return "it keeps the runs of spaces that sentencepiece removes"
+    if proto.trainer_spec.model_type != 2:  # BPE
+        kind = proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type).lower()
+        return f"a {kind} model, which the converted one can split differently"
     return ""
 
 

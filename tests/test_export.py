@@ -24,10 +24,11 @@ from safetensors.numpy import save as safetensors_save
 from lmjax import checkpoint, config, sharding, step
 from lmjax.export import main, model_sets
 
-# D=32, H=4, E=8, L=2, T=32. LLaMA: 2 kv heads (GQA), vocab 520 (padded to 640 in lmjax).
+# D=32, H=4, E=8, L=2, T=32. GPT-2: vocab 516, LLaMA: 520, 2 kv heads (GQA); both padded to 640 in
+# lmjax (the tokenizer has 512 pieces).
 MODELS = {
     "gpt2": config.Model(
-        flavour="gpt2", vocab_size=512, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=32
+        flavour="gpt2", vocab_size=516, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=32
     ),
     "llama": config.Model(
         flavour="llama",
@@ -49,7 +50,7 @@ MODELS = {
 
 
 def gpt2_table(L=2):
-    t = {"transformer.wte.weight": (512, 32), "transformer.wpe.weight": (32, 32)}
+    t = {"transformer.wte.weight": (516, 32), "transformer.wpe.weight": (32, 32)}
     for i in range(L):
         h = f"transformer.h.{i}."
         t |= {
@@ -80,7 +81,7 @@ def llama_table(tied, L=2):
 TABLES = {"gpt2": gpt2_table(), "llama": llama_table(tied=False), "llama_tied": llama_table(tied=True)}
 HF_CONFIG = {
     "gpt2": {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 512, "n_embd": 32,
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": 516, "n_embd": 32,
         "n_layer": 2, "n_head": 4, "n_inner": 64, "n_positions": 32, "layer_norm_epsilon": 1e-5,
         "activation_function": "gelu_new", "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
     },
@@ -474,3 +475,197 @@ def test_bf16_import_holds_the_bf16_values(exported, runs, tmp_path):
     for k, x in names_of(original).items():
         (x, _), (y, _) = split_padding(k, x, V), split_padding(k, back[k], V)
         assert y.dtype == ml_dtypes.bfloat16 and np.array_equal(y, x.astype(ml_dtypes.bfloat16)), k
+
+
+# --- review fixes: tokenizer config, error paths, dtypes, accepted configs, atomic import -------
+
+
+def _variant(model_proto: bytes, **normalizer) -> bytes:
+    """The stdlib tokenizer with `normalizer_spec` fields changed (model_type: the trainer's)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_proto)
+    if "model_type" in normalizer:
+        proto.trainer_spec.model_type = normalizer.pop("model_type")
+    for key, value in normalizer.items():
+        setattr(proto.normalizer_spec, key, value)
+    return proto.SerializeToString()
+
+
+TOKENIZER_VARIANTS = {  # changes, add_prefix_space, whether the fast conversion differs
+    "dummy_prefix": ({"add_dummy_prefix": True}, True, False),  # as LLaMA-2's and TinyLlama's
+    "unigram": ({"model_type": 1}, False, True),
+    "extra_whitespace": ({"remove_extra_whitespaces": True, "add_dummy_prefix": True}, True, True),
+}
+
+
+@pytest.mark.parametrize("case", TOKENIZER_VARIANTS)
+def test_tokenizer_config_without_tokenizer_json_matches_the_model(case, stdlib_corpus, tmp_path):
+    """LlamaConverter prepends "▁" only when add_prefix_space; it cannot follow sentencepiece's
+    normalisation rules or a unigram model, which the note says, with use_fast=False."""
+    from lmjax import hf_tokenizer
+
+    changes, prefix, differs = TOKENIZER_VARIANTS[case]
+    notes = hf_tokenizer.export(_variant(stdlib_corpus.tokenizer.model_proto, **changes), tmp_path, 32)
+    tok_cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert not (tmp_path / "tokenizer.json").exists() and tok_cfg["tokenizer_class"] == "LlamaTokenizer"
+    assert tok_cfg["add_prefix_space"] is prefix and tok_cfg["legacy"] is True
+    (note,) = notes
+    assert note.startswith("no tokenizer.json (")
+    assert ("use_fast=False" in note) is differs, note
+    assert ("encodes the same" in note) is not differs, note
+
+
+def test_export_of_a_unigram_run_says_to_load_it_with_use_fast_false(runs, stdlib_corpus, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["llama"], workdir)
+    (workdir / "tokenizer.model").write_bytes(_variant(stdlib_corpus.tokenizer.model_proto, model_type=1))
+    assert main(["--workdir", str(workdir), "--to", "hf", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"AutoTokenizer.from_pretrained({tmp_path / 'out'}, use_fast=False)" in err, err
+
+
+def _one_line_error(argv, capsys) -> str:
+    assert main(argv) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("lmjax: error: ")
+    return err
+
+
+def _damage_truncated(src: Path) -> str:
+    path = src / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "model.safetensors is not a readable safetensors file"
+
+
+def _damage_garbage(src: Path) -> str:
+    (src / "model.safetensors").write_bytes(b"\xff" * 64)
+    return "model.safetensors is not a readable safetensors file"
+
+
+def _damage_missing_shard(src: Path) -> str:
+    (src / "model-00002-of-00003.safetensors").unlink()
+    return "names model-00002-of-00003.safetensors, which is not in"
+
+
+def _damage_index_json(src: Path) -> str:
+    (src / "model.safetensors.index.json").write_text('{"weight_map": {')
+    return "model.safetensors.index.json is not a safetensors index"
+
+
+def _damage_index_keys(src: Path) -> str:
+    (src / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    return "model.safetensors.index.json is not a safetensors index"
+
+
+DAMAGE = {  # what is done to a copy of an export (llama: one file; gpt2: 3 shards), and the error
+    "truncated": ("llama", _damage_truncated),
+    "garbage": ("llama", _damage_garbage),
+    "missing_shard": ("gpt2", _damage_missing_shard),
+    "index_json": ("gpt2", _damage_index_json),
+    "index_keys": ("gpt2", _damage_index_keys),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_import_of_damaged_files_exits_2_in_one_line(case, exported, tmp_path, capsys):
+    name, damage = DAMAGE[case]
+    src = _broken(exported[name], tmp_path / "hf")
+    if name == "gpt2":
+        assert len(list(src.glob("model-*-of-00003.safetensors"))) == 3
+    expected = damage(src)
+    err = _one_line_error(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")], capsys)
+    assert expected in err and str(src) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_as_the_output_folder_exits_2(runs, exported, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for argv in (
+        ["--workdir", str(runs["llama"]), "--to", "hf", str(tmp_path / "file")],
+        ["--from-hf", str(exported["llama"]), "--to", "lmjax", str(tmp_path / "file")],
+    ):
+        assert f"{tmp_path / 'file'} is a file; give a new folder" in _one_line_error(argv, capsys)
+    argv = ["--workdir", str(runs["llama"]), "--to", "hf", str(tmp_path / "file" / "out")]
+    assert "cannot create" in _one_line_error(argv, capsys)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_import_refuses_non_float_tensors_and_reads_float16(exported, runs, tmp_path, capsys):
+    src = _broken(exported["llama"], tmp_path / "hf")
+    _, tensors = read_hf(src)
+    name = "model.layers.1.mlp.up_proj.weight"
+    ints = tensors | {name: tensors[name].astype(np.int64)}
+    (src / "model.safetensors").write_bytes(safetensors_save(ints, metadata={"format": "pt"}))
+    err = _one_line_error(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")], capsys)
+    assert f"tensor {name} is I64; lmjax imports floating-point weights only" in err, err
+
+    halves = {k: v.astype(np.float16) for k, v in tensors.items()}
+    (src / "model.safetensors").write_bytes(safetensors_save(halves, metadata={"format": "pt"}))
+    assert main(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")]) == 0
+    back, _ = checkpoint.load_params(tmp_path / "out", log=quiet)
+    original, _ = checkpoint.load_params(runs["llama"], log=quiet)
+    back, V = names_of(back), MODELS["llama"].vocab_size
+    for k, x in names_of(original).items():
+        (x, _), (y, _) = split_padding(k, x, V), split_padding(k, back[k], V)
+        assert y.dtype == np.float32 and np.array_equal(y, x.astype(np.float16).astype(np.float32)), k
+
+
+ACCEPTED = {  # config.json changes that describe the model lmjax computes
+    "gpt2_no_activation": ("gpt2", {"activation_function": None}),  # GPT2Config's default: gelu_new
+    "rope_type_default": ("llama", {"rope_scaling": {"rope_type": "default"}}),
+    "type_default": ("llama", {"rope_scaling": {"type": "default"}}),
+}
+
+
+@pytest.mark.parametrize("case", ACCEPTED)
+def test_import_accepts_configs_that_mean_the_defaults(case, exported, imported, tmp_path):
+    name, changes = ACCEPTED[case]
+    src = _broken(exported[name], tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text()) | changes
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    assert main(["--from-hf", str(src), "--to", "lmjax", str(tmp_path / "out")]) == 0
+    a, _ = checkpoint.load_params(tmp_path / "out", log=quiet)
+    b, _ = checkpoint.load_params(imported[name], log=quiet)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_a_failed_import_leaves_no_folder_and_a_rerun_works(exported, tmp_path, monkeypatch, capsys):
+    """A failure after the checkpoint is saved (writing tokenizer.model, the last file)."""
+    from lmjax import export
+    from lmjax.config import UserError
+
+    real = export.write_atomic
+
+    def failing(path, data):
+        if path.name == "tokenizer.model":
+            raise UserError(f"disk full writing {path}")
+        real(path, data)
+
+    monkeypatch.setattr(export, "write_atomic", failing)
+    dest = tmp_path / "out"
+    assert "disk full" in _one_line_error(
+        ["--from-hf", str(exported["llama"]), "--to", "lmjax", str(dest)], capsys
+    )
+    assert list(tmp_path.iterdir()) == []  # neither DIR nor its .partial sibling
+    monkeypatch.setattr(export, "write_atomic", real)
+    assert main(["--from-hf", str(exported["llama"]), "--to", "lmjax", str(dest)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    m = checkpoint.load_params(dest, log=quiet)[1].model
+    assert (m.flavour, m.vocab_size, m.n_kv_heads) == ("llama", 520, 2)
+
+
+def test_import_assembles_the_model_on_the_host_cpu(monkeypatch):
+    from lmjax.export import host_device
+
+    assert host_device() == jax.local_devices(backend="cpu")[0] and host_device().platform == "cpu"
+    real = jax.local_devices
+
+    def no_cpu(*args, backend=None, **kwargs):  # JAX_PLATFORMS=cuda: no CPU backend loaded
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu)
+    assert host_device() == real()[0]
