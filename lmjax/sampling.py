@@ -30,10 +30,17 @@ def choose(
     logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
 ) -> jax.Array:
     """Token ids `[B]`: the argmax where `temperature` is 0, else a draw from
-    softmax(logits / temperature) over the `allowed` ids, one independent draw per row."""
+    softmax(logits / temperature) over the `allowed` ids, one independent draw per row. The
+    sort that top-k/top-p need (a large vocabulary's, every step) runs only when they are on."""
     logits_BV = logits_BV.astype(jnp.float32)
-    greedy_B = jnp.argmax(logits_BV, axis=-1)
-    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-    masked_BV = jnp.where(allowed(scaled_BV, top_k, top_p), scaled_BV, -jnp.inf)
-    drawn_B = jax.random.categorical(key, masked_BV, axis=-1)
-    return jnp.where(temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
+
+    def draw() -> jax.Array:
+        scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+        masked_BV = jax.lax.cond(
+            (top_k > 0) | (top_p < 1),
+            lambda: jnp.where(allowed(scaled_BV, top_k, top_p), scaled_BV, -jnp.inf),
+            lambda: scaled_BV,
+        )
+        return jax.random.categorical(key, masked_BV, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
