@@ -111,11 +111,15 @@ def generator(short_run):
 
 def _naive_greedy(generator, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding the slow way: the whole sequence through the full forward pass for
-    every new token, no cache, no padding."""
-    model = nnx.merge(step.abstract_model(generator.exp.model)[0], generator.params)
+    every new token, no cache, no padding on the left (zeros after the sequence, which causal
+    attention does not let the last real position see, keep one compiled shape)."""
+    graphdef = step.abstract_model(generator.exp.model)[0]
+    forward = jax.jit(lambda params, tokens_1T: nnx.merge(graphdef, params)(tokens_1T))
+    context = generator.exp.model.seq_len
     ids = list(prompt)
     for _ in range(n):
-        next_id = int(jnp.argmax(model(jnp.asarray(ids)[None])[0, -1]))
+        logits_TV = forward(generator.params, jnp.asarray([ids + [0] * (context - len(ids))]))[0]
+        next_id = int(jnp.argmax(logits_TV[len(ids) - 1]))
         if next_id == generator.eos_id:
             break
         ids.append(next_id)
