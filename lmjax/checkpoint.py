@@ -125,9 +125,12 @@ class Checkpoints:
             abstract = _pack(target(saved))  # a UserError here is the user's to fix: not damage
             args = ocp.args.Composite(**{k: ocp.args.StandardRestore(abstract[k]) for k in items})
             try:
-                restored = self._manager.restore(s, args=args)
+                restored, failure = self._manager.restore(s, args=args), None
             except Exception as e:  # noqa: BLE001
-                self._damaged(s, e, damaged)
+                failure = e
+            failure = _agreed_failure(s, failure, self.folder / str(s))
+            if failure is not None:
+                self._damaged(s, failure, damaged)
                 continue
             if not self.read_only:
                 for bad, _ in damaged:
@@ -294,6 +297,30 @@ def _unpack(restored: Any) -> step.State:
 # json report them; anything else (out of memory, a shape mismatch) is not the files' fault.
 _DAMAGE_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError)
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+
+
+def _agreed_failure(s: int, failure: Exception | None, where: Path) -> Exception | None:
+    """This process's restore outcome of step `s`, made the same on every process. Each reads
+    only its own shards, so a damaged one may fail on its process alone; then the others wait
+    in Orbax's barrier after their reads and cannot follow it to an older step: this process
+    stops the run (exit 2; the others end through the heartbeat) and says what to move."""
+    from lmjax import distributed
+
+    verdict = "ok" if failure is None else "damaged" if _is_damage(failure) else "failed"
+    try:  # processes that failed too answer at once; ones that read theirs never answer
+        verdicts = distributed.agree(
+            f"restore {s}", verdict, distributed.prompt_answer_s if failure else distributed.WAIT_S
+        )
+    except Exception:  # noqa: BLE001 - jax's DEADLINE_EXCEEDED
+        raise UserError(
+            f"could not restore {where} on this process ({_short(failure)}) while other processes "
+            f"could; move {where} aside (or restore its files) and run again"
+        ) from failure
+    worst = next((v for v in ("failed", "damaged") if v in verdicts), "ok")
+    if worst == verdict:
+        return failure
+    at = f"process {verdicts.index(worst)}"  # what this process reports as its own failure
+    return FileNotFoundError(f"damaged on {at}") if worst == "damaged" else RuntimeError(f"failed on {at}")
 
 
 def _is_damage(e: BaseException | None) -> bool:

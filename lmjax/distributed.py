@@ -13,10 +13,14 @@ and does nothing on one process. Call it before anything touches the devices.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from lmjax.config import UserError
+
+T = TypeVar("T")
 
 # (lmjax's name, JAX's name) of each explicit setting.
 EXPLICIT = (
@@ -66,6 +70,8 @@ def initialize(heartbeat_timeout_s: int, log: Callable[[str], None] = print) -> 
         return
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU arrays across processes
+    global prompt_answer_s
+    prompt_answer_s = max(10.0, 2.0 * heartbeat_timeout_s)
     jax.distributed.initialize(
         **args,
         heartbeat_timeout_seconds=heartbeat_timeout_s,
@@ -77,6 +83,66 @@ def initialize(heartbeat_timeout_s: int, log: Callable[[str], None] = print) -> 
             f"{jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} per process); heartbeat timeout {heartbeat_timeout_s} s"
         )
+
+
+# How long a process waits for another's word (process 0 building the token cache may take
+# hours on a large corpus); a process that dies ends the wait sooner, through the heartbeat.
+WAIT_S = 24 * 3600
+# How long a process waits for others that should answer at once, unless they are busy elsewhere
+# (set from the heartbeat timeout by `initialize`).
+prompt_answer_s = 60.0
+# Exchanges through the coordinator are numbered: every process makes them in the same order.
+_exchanges = itertools.count()
+
+
+def main_first(work: Callable[[], T], what: str) -> T:
+    """`work()` on process 0 first, then on the others (which then find what it wrote to a
+    shared file system, e.g. the token cache, instead of all building it at once)."""
+    client = _client()
+    if client is None:
+        return work()
+    import jax
+
+    key = f"lmjax/{next(_exchanges)}/{what}"
+    if jax.process_index() == 0:
+        result = work()
+        client.key_value_set(key, "1")
+        return result
+    client.blocking_key_value_get(key, WAIT_S * 1000)
+    return work()
+
+
+def agree(what: str, value: str, timeout_s: float = WAIT_S) -> list[str]:
+    """Every process's `value` for `what`, in process order, exchanged through the
+    coordinator (no device collective, so it cannot meet another process's step). A process
+    that has not given its value within `timeout_s` raises (jax's DEADLINE_EXCEEDED)."""
+    client = _client()
+    if client is None:
+        return [value]
+    import jax
+
+    prefix = f"lmjax/{next(_exchanges)}/{what}"  # a new key each time: keys are set once
+    client.key_value_set(f"{prefix}/{jax.process_index()}", value)
+    ms = int(timeout_s * 1000)
+    return [client.blocking_key_value_get(f"{prefix}/{i}", ms) for i in range(jax.process_count())]
+
+
+def require_same(what: str, value: str, fix: str) -> None:
+    """UserError on every process (so all exit 2 together) when `value` differs between them."""
+    values = agree(what, value)
+    for i, other in enumerate(values):
+        if other != values[0]:
+            raise UserError(
+                f"{what} differs between processes: {values[0]} on process 0, {other} on process {i}; {fix}"
+            )
+
+
+def _client():
+    """JAX's coordination-service client, None on one process. JAX keeps it in a private
+    module; jax.experimental.multihost_utils offers only device collectives."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
 
 
 def is_main() -> bool:

@@ -84,7 +84,11 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
     exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
-    corpus = cache.load_or_build(exp.data, log=_print)
+    # Process 0 builds the token cache first: on a shared file system the others then read it.
+    corpus = distributed.main_first(lambda: cache.load_or_build(exp.data, log=_print), "token cache")
+    distributed.require_same(
+        "corpus identity", corpus.identity, "give every host the same data files and data.* settings"
+    )
     exp = resume.resolve_from_data(exp, corpus)
     mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
     m, t = exp.model, exp.train

@@ -50,8 +50,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(cmd: list[str], logs: Path) -> list[subprocess.Popen]:
-    """`cmd` started as processes 0 and 1 of 2, each with 4 CPU devices; stderr to `logs`."""
+STARTED: list[subprocess.Popen] = []  # every child, killed after its test whatever happened
+
+
+@pytest.fixture(autouse=True)
+def no_child_left():
+    yield
+    while STARTED:
+        child = STARTED.pop()
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def two_processes(
+    cmd: list[str], logs: Path, extra_env: tuple[dict, dict] = ({}, {})
+) -> list[subprocess.Popen]:
+    """`cmd` started as processes 0 and 1 of 2, each with 4 CPU devices (and `extra_env`);
+    stderr to `logs`."""
     port = free_port()
     children = []
     for i in range(2):
@@ -61,9 +77,11 @@ def two_processes(cmd: list[str], logs: Path) -> list[subprocess.Popen]:
             "LMJAX_COORDINATOR": f"127.0.0.1:{port}",
             "LMJAX_NUM_PROCESSES": "2",
             "LMJAX_PROCESS_ID": str(i),
+            **extra_env[i],
         }
-        err = open(logs.with_name(f"{logs.name}.p{i}.log"), "w")
-        children.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True))
+        with open(logs.with_name(f"{logs.name}.p{i}.log"), "w") as err:
+            children.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True))
+    STARTED.extend(children)
     return children
 
 
@@ -139,6 +157,70 @@ def test_a_checkpoint_of_one_process_resumes_in_two(one, tmp_path):
     err0, _ = train_two(workdir)
     assert f"resuming from step {EVERY}" in err0
     assert_close(losses(workdir), losses(one), range(1, STEPS + 1))
+
+
+def test_a_shard_damaged_on_one_process_stops_the_run_with_what_to_move(tmp_path):
+    """With the state sharded over both processes (fsdp 8) each reads only its own shards, so
+    process 1 alone finds step 6 damaged, while process 0 has read its part and waits in
+    Orbax's barrier: it cannot follow process 1 to step 3. Process 1 stops naming the folder
+    to move, process 0 ends soon after; moved aside, the run resumes from step 3."""
+    workdir = tmp_path / "run"
+    sharded = ("mesh.data=1", "mesh.fsdp=8")
+    train_two(workdir, *sharded)
+    first = losses(workdir)
+    shards = (workdir / f"checkpoints/{STEPS}").rglob("*")
+    data_files = [p for p in shards if "ocdbt.process_1" in str(p) and p.is_file() and p.parent.name == "d"]
+    assert data_files
+    for data_file in data_files:
+        data_file.write_bytes(b"")
+    children = two_processes(train_cmd(workdir, *sharded, f"train.steps={STEPS + 2}"), workdir)
+    started = time.time()
+    codes = [c.wait(timeout=120) for c in children]
+    err1 = workdir.with_name("run.p1.log").read_text()
+    # Process 1 exits through JAX's shutdown barrier, which process 0 never reaches: JAX turns
+    # its status 2 into an abort (134); the line that says what to do is printed before.
+    assert codes[0] != 0 and codes[1] != 0 and time.time() - started < 120, err1[-2000:]
+    damaged = workdir / f"checkpoints/{STEPS}"
+    assert f"could not restore {damaged} on this process" in err1 and f"move {damaged} aside" in err1
+    damaged.rename(tmp_path / "set_aside")
+    err0, _ = train_two(workdir, *sharded, f"train.steps={STEPS + 2}")
+    assert f"resuming from step {EVERY}" in err0
+    assert_close(losses(workdir), first, range(1, STEPS + 1))
+
+
+# Exchanges through the coordinator, outside any training: process 0 goes first in
+# main_first (process 1 sees its file), and require_same fails on both when values differ.
+EXCHANGE = """
+import os, sys, time
+from pathlib import Path
+from lmjax import distributed
+from lmjax.config import UserError
+distributed.initialize(heartbeat_timeout_s=30)
+import jax
+marker = Path(sys.argv[1]) / "built"
+def build():
+    if jax.process_index() == 0:
+        time.sleep(2)  # process 1 would look before this if it did not wait
+        marker.write_text("process 0")
+    return marker.read_text()
+assert distributed.main_first(build, "marker") == "process 0"
+try:
+    distributed.require_same("the value", os.environ["VALUE"], "make them equal")
+except UserError as e:
+    print(f"lmjax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("values, codes", [(("a", "a"), [0, 0]), (("a", "b"), [2, 2])])
+def test_coordinator_exchanges(tmp_path, values, codes):
+    env = tuple({"VALUE": v} for v in values)
+    children = two_processes([sys.executable, "-c", EXCHANGE, str(tmp_path)], tmp_path / "x", env)
+    assert [c.wait(timeout=120) for c in children] == codes, (tmp_path / "x.p1.log").read_text()
+    if codes == [2, 2]:
+        for i in range(2):
+            err = (tmp_path / f"x.p{i}.log").read_text()
+            assert "the value differs between processes: a on process 0, b on process 1" in err
 
 
 # Each process loads its rows of the first batches (mesh fsdp=4 x tensor=2: the tensor pairs
