@@ -31,6 +31,15 @@ EXPLICIT = (
 # What `srun` sets in each task: JAX's own SLURM detection needs all of them.
 SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
+# How long a process waits for another's word (process 0 building the token cache may take
+# hours on a large corpus); a process that dies ends the wait sooner, through the heartbeat.
+WAIT_S = 24 * 3600
+# How long a process waits for others that should answer at once, unless they are busy elsewhere
+# (set from the heartbeat timeout by `initialize`).
+prompt_answer_s = 60.0
+# Exchanges through the coordinator are numbered: every process makes them in the same order.
+_exchanges = itertools.count()
+
 
 def detect(environ: Mapping[str, str] | None = None) -> dict | None:
     """`jax.distributed.initialize` arguments for this environment (None: one process).
@@ -83,16 +92,6 @@ def initialize(heartbeat_timeout_s: int, log: Callable[[str], None] = print) -> 
             f"{jax.process_count()} processes, {jax.device_count()} devices "
             f"({jax.local_device_count()} per process); heartbeat timeout {heartbeat_timeout_s} s"
         )
-
-
-# How long a process waits for another's word (process 0 building the token cache may take
-# hours on a large corpus); a process that dies ends the wait sooner, through the heartbeat.
-WAIT_S = 24 * 3600
-# How long a process waits for others that should answer at once, unless they are busy elsewhere
-# (set from the heartbeat timeout by `initialize`).
-prompt_answer_s = 60.0
-# Exchanges through the coordinator are numbered: every process makes them in the same order.
-_exchanges = itertools.count()
 
 
 def main_first(work: Callable[[], T], what: str) -> T:
