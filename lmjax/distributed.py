@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lmjax.config import UserError
 
@@ -134,6 +134,44 @@ def require_same(what: str, value: str, fix: str) -> None:
             raise UserError(
                 f"{what} differs between processes: {values[0]} on process 0, {other} on process {i}; {fix}"
             )
+
+
+class StopVote:
+    """Whether every process stops after step `done`. All must stop (and save) at the same
+    step, or the others would wait forever in the next step's collectives, yet a signal may
+    reach only some. One process: a signal here, read at each call. Several: whether any
+    process had a request one step earlier, from a vote that runs on the devices behind each
+    step and is read a step late, so the host never waits on it (a blocking all-gather every
+    step would leave the devices idle between steps)."""
+
+    def __init__(self, mesh: Any):
+        import jax
+
+        self._several = jax.process_count() > 1
+        self._step, self._decision, self._pending = -1, False, None
+        if self._several:
+            import jax.numpy as jnp
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            self._sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))  # a flag per device
+            self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, done: int, requested: str) -> bool:
+        if not self._several:
+            return bool(requested)
+        if done != self._step:  # the first call of a step votes; later ones keep its decision
+            previous, self._pending = self._pending, self._vote(bool(requested))
+            self._step, self._decision = done, previous is not None and bool(previous)
+        return self._decision
+
+    def _vote(self, flag: bool) -> Any:
+        import jax
+        import numpy as np
+
+        devices = self._sharding.addressable_devices
+        flags = [jax.device_put(np.array([flag]), d) for d in devices]
+        count = self._sharding.mesh.size
+        return self._any(jax.make_array_from_single_device_arrays((count,), self._sharding, flags))
 
 
 def _client():

@@ -155,6 +155,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         pending = None  # (step, metrics) read one step late: the device is busy meanwhile
         trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
         every = exp.checkpoint.every
+        stop_vote = distributed.StopVote(mesh)
         try:
             for done in range(first + 1, t.steps + 1):
                 trace.before(done)
@@ -166,11 +167,11 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
                 log.advance()
                 save_due = (every and done % every == 0) or done == t.steps
                 evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-                stopping = done < t.steps and _stop_agreed(stop.requested)  # at the last step: finish
+                stopping = done < t.steps and stop_vote(done, stop.requested)  # at the last step: finish
                 if done == first + 1 or save_due or evaluate_now or stopping:
                     settle(*pending)  # a checkpoint is written only after its loss is known finite
                     pending = None
-                    stopping = done < t.steps and _stop_agreed(stop.requested)  # a signal during that wait
+                    stopping = done < t.steps and stop_vote(done, stop.requested)  # a signal during that wait
                 if save_due or stopping:
                     ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
                 if stopping:
@@ -225,20 +226,6 @@ def _print(message: str) -> None:
 
     if distributed.is_main():
         print(message, file=sys.stderr)
-
-
-def _stop_agreed(requested: str) -> bool:
-    """Whether to stop now. With several processes a signal may reach only some of them, yet
-    all must stop (and save) at the same step, or the others would wait forever in the next
-    step's collectives: they agree, with one small all-gather."""
-    import jax
-
-    if jax.process_count() == 1:
-        return bool(requested)
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(requested)))))
 
 
 def _finish_saving(ckpts: Any) -> None:
