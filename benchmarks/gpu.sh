@@ -14,6 +14,7 @@
 #                    against the fp32 reference, forward and gradient (attention_check.json)
 #   gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed
 #                    benchmarks/throughput.py records (each measures the matmul ceiling too)
+#   generate         benchmarks/generate_speed.py: gpt2_124m prefill and greedy decode, batch 1 and 8
 #
 # Everything goes to ${OUT:-benchmarks/results/gpu-run}: per stage a log (NAME.log) and a line in
 # stages.jsonl ({"stage", "rc", "ok", "seconds", "limit_s"}) written as it ends, the JSON records
@@ -92,8 +93,9 @@ if ((CPU)); then
   GPT2_124M=("${TINY[@]}")
   GPT2_774M=("${TINY[@]}")
   LLAMA_1B=("${TINY[@]}" --set model.n_kv_heads=2)
-  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed
-  LIMIT=(90 60 60 60 60)
+  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed, generate
+  LIMIT=(90 60 60 60 60 60)
+  GENERATE=(--prompt-len 32 --new-tokens 8 --repeats 1)
 else
   BACKEND=gpu
   COMMON=(--steps 30 --warmup 2)
@@ -101,9 +103,10 @@ else
   GPT2_774M=(--set train.batch_size=8 --set model.seq_len=1024)
   LLAMA_1B=()
   # Cold compiles on an H100 (the cache dir is usually fresh on a rented box).
-  LIMIT=(60 75 110 120 75)
+  LIMIT=(60 75 110 120 75 60)
+  GENERATE=(--prompt-len 128 --new-tokens 64)
 fi
-STAGES=(attention-check gpt2_124m llama_1b gpt2_774m gpt2_124m-packed)
+STAGES=(attention-check gpt2_124m llama_1b gpt2_774m gpt2_124m-packed generate)
 
 {
   echo "date: $(date -u +%FT%TZ)  python: $PYTHON  cpu-rehearsal: $CPU  budget: ${BUDGET}s"
@@ -125,6 +128,10 @@ stage llama_1b "${LIMIT[2]}" "${TP[@]}" --experiment llama_1b "${COMMON[@]}" ${L
 stage gpt2_774m "${LIMIT[3]}" "${TP[@]}" --experiment gpt2_774m "${COMMON[@]}" "${GPT2_774M[@]}"
 stage gpt2_124m-packed "${LIMIT[4]}" "${TP[@]}" --experiment gpt2_124m --packed "${COMMON[@]}" \
   "${GPT2_124M[@]}"
+GPT2_124M_MODEL=() # the generation benchmark takes the model settings, not the batch
+if ((CPU)); then GPT2_124M_MODEL=("${TINY[@]}"); fi
+stage generate "${LIMIT[5]}" "$PYTHON" benchmarks/generate_speed.py --experiment gpt2_124m --batch 1,8 \
+  --out "$OUT" "${GENERATE[@]}" ${GPT2_124M_MODEL[@]+"${GPT2_124M_MODEL[@]}"}
 
 echo "done in $((SECONDS - START))s; results in $OUT"
 if grep -q '"ok": false' "$OUT/stages.jsonl"; then

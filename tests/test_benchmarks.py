@@ -21,7 +21,7 @@ TINY = [
     *("--set", "model.dtype=float32", "--steps", "2", "--warmup", "1", "--ceiling-size", "256"),
 ]
 RUNS = ("gpt2_124m-cpu1", "gpt2_124m-cpu1-packed", "gpt2_774m-cpu1", "llama_1b-cpu1")
-STAGES = ["env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed"]
+STAGES = ["env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed", "generate"]
 DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
 
 
@@ -151,12 +151,20 @@ def test_partial_record_survives_a_failing_step(tmp_path, monkeypatch):
     assert "tokens_per_s" not in r and "ceiling_tflops" not in r
 
 
-def test_no_data_pipeline_imported(tmp_path):
+GENERATE_TINY = [*TINY[: TINY.index("--steps")], "--batch", "1", "--prompt-len", "8", "--new-tokens", "2"]
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [("throughput", TINY), ("generate_speed", [*GENERATE_TINY, "--repeats", "1"])],
+)
+def test_no_data_pipeline_imported(tmp_path, script, args):
     """The GPU image has no grain, TFDS or array_record: the benchmark path must not need them."""
     code = (
         "import json, sys, runpy\n"
-        f"sys.argv = ['throughput.py', '--experiment', 'gpt2_124m', '--out', {str(tmp_path)!r}, *{TINY!r}]\n"
-        "try:\n    runpy.run_path('benchmarks/throughput.py', run_name='__main__')\n"
+        "sys.path.insert(0, 'benchmarks')\n"  # as `python benchmarks/X.py` has it
+        f"sys.argv = ['{script}.py', '--experiment', 'gpt2_124m', '--out', {str(tmp_path)!r}, *{args!r}]\n"
+        f"try:\n    runpy.run_path('benchmarks/{script}.py', run_name='__main__')\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
@@ -165,7 +173,14 @@ def test_no_data_pipeline_imported(tmp_path):
     assert done.returncode == 0, done.stderr
     imported = set(json.loads(done.stdout.splitlines()[-1]))
     assert "jax" in imported and not imported & DATA_MODULES
-    assert (tmp_path / "throughput-gpt2_124m-cpu1.json").exists()
+    assert len(list(tmp_path.glob("*-gpt2_124m-cpu1.json"))) == 1
+
+
+def test_the_rehearsal_measured_generation(rehearsal):
+    r = json.loads(next(rehearsal.glob("generate-gpt2_124m-cpu*.json")).read_text())
+    assert [x["batch"] for x in r["results"]] == [1, 8] and all(
+        x["decode_tokens_per_s"] > 0 for x in r["results"]
+    )
 
 
 def test_sharded_mesh_in_process(tmp_path):
