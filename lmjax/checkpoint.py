@@ -211,6 +211,16 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> S
                 f"--set {key}: reading a run may change only {', '.join(READ_MAY_CHANGE)}; the "
                 "rest is the checkpoint's"
             )
+    saved = newest_saved(workdir, log)
+    exp = config.apply_overrides(saved.exp, overrides)
+    config.validate(exp)
+    config.mesh_shape(exp, jax.device_count())
+    return dataclasses.replace(saved, exp=exp)
+
+
+def newest_saved(workdir: Path, log: Log = print) -> Saved:
+    """The step and JSON items of the newest checkpoint of the run in `workdir` whose JSON reads
+    back, read without touching the run (it may be training); UserError when there is none."""
     ckpts = Checkpoints(workdir, log=log, read_only=True)
     try:
         saved = ckpts.newest_readable()
@@ -218,10 +228,7 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> S
         ckpts.close()
     if saved is None:
         raise _no_checkpoint(workdir)
-    exp = config.apply_overrides(saved.exp, overrides)
-    config.validate(exp)
-    config.mesh_shape(exp, jax.device_count())
-    return dataclasses.replace(saved, exp=exp)
+    return saved
 
 
 def _no_checkpoint(workdir: Path) -> UserError:

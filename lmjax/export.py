@@ -89,13 +89,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     log = log or _print
     _require_empty(out)
     workdir = workdir.absolute()
-    ckpts = checkpoint.Checkpoints(workdir, log=log, read_only=True)  # it may be training now
-    try:
-        saved = ckpts.newest_readable()
-    finally:
-        ckpts.close()
-    if saved is None:
-        raise UserError(f"{workdir} holds no readable checkpoint; train a run there first")
+    saved = checkpoint.newest_saved(workdir, log)  # the run may be training now
     tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     m = saved.exp.model
     dtype = dtype or (m.param_dtype if m.param_dtype in hf_safetensors.DTYPES else "float32")
@@ -104,7 +98,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     # Written beside OUT and renamed when complete: an interrupted export leaves no OUT to load.
     final, out = out, _partial(out)
     writer = hf_safetensors.Writer(out, hf_layout.hf_tensors(m), dtype, shard_bytes)
-    params_dir = ckpts.folder / str(saved.step) / "params"
+    params_dir = workdir / "checkpoints" / str(saved.step) / "params"
     groups: dict[tuple[str, ...], list[hf_layout.Link]] = {}
     for link in hf_layout.links(m):
         groups.setdefault(link.params, []).append(link)

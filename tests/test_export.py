@@ -437,7 +437,7 @@ def test_export_bad_input_exits_2(runs, tmp_path, capsys):
     cases = [
         (
             ["--workdir", str(tmp_path / "empty"), "--to", "hf", str(tmp_path / "o1")],
-            "holds no readable checkpoint",
+            "holds no checkpoint",
         ),
         (["--workdir", str(runs["gpt2"]), "--to", "lmjax", str(tmp_path / "o2")], "--to hf OUT"),
         (["--workdir", str(runs["gpt2"]), "--to", "hf", str(runs["gpt2"])], "is not empty"),
