@@ -190,7 +190,7 @@ class Generator:
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
         with self._on_mesh():
-            slots = -(-(prompts_BP.shape[1] + max_tokens) // _CACHE_BUCKET) * _CACHE_BUCKET
+            slots = _round_up(prompts_BP.shape[1] + max_tokens, _CACHE_BUCKET)
             cache = self._init_cache(start_B, slots)
             next_B, cache = self._step(self.params, prompts_BP, cache, jax.random.fold_in(key, 0), *settings)
             for i in range(max_tokens):
@@ -227,8 +227,8 @@ class Generator:
             max_tokens = context - longest + 1
             self.log(f"max tokens cut to {max_tokens}: the longest prompt leaves that much of the context")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        B = -(-len(prompt_ids) // shards) * shards
-        P = -(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET
+        B = _round_up(len(prompt_ids), shards)
+        P = _round_up(longest, _PROMPT_BUCKET)
         padded = [*prompt_ids, *[prompt_ids[0]] * (B - len(prompt_ids))]
         prompts_BP = np.zeros((B, P), np.int32)
         start_B = np.array([P - len(p) for p in padded], np.int32)
@@ -277,6 +277,10 @@ def _decode_step(cfg: config.Model) -> Callable:
         return sampling.choose(logits_B1V[:, 0], key, temperature, top_k, top_p), cache
 
     return jax.jit(decode, donate_argnums=2)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _print(message: str) -> None:
