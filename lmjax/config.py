@@ -45,6 +45,18 @@ class Model:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Recipe options (README "Recipes"), all off in the GPT-2 experiments:
+    mlp: str = "auto"  # auto (gpt2: gelu, llama: swiglu) | gelu | relu2 (ReLU squared) | swiglu
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (learned scale) before attention
+    zero_init: bool = False  # the residual output projections (w_o, w_out / w_down) start at zero
+    logit_softcap: float = 0.0  # >0: logits = softcap * tanh(logits / softcap)
+    z_loss: float = 0.0  # >0: the training loss adds z_loss * logsumexp(logits)^2 (not in eval)
+
+    @property
+    def mlp_kind(self) -> str:
+        if self.mlp != "auto":
+            return self.mlp
+        return "swiglu" if self.flavour == "llama" else "gelu"
 
     @property
     def kv_heads(self) -> int:
@@ -58,7 +70,7 @@ class Model:
     def ff_dim(self) -> int:
         if self.d_ff:
             return self.d_ff
-        if self.flavour == "llama":
+        if self.mlp_kind == "swiglu":  # three matrices: 8/3 keeps the MLP's parameters at 8*D*D
             return 256 * math.ceil(8 * self.d_model / 3 / 256)
         return 4 * self.d_model
 
@@ -134,10 +146,14 @@ class Mesh:
 
 @dataclasses.dataclass(frozen=True)
 class Optim:
-    name: str = "adamw"
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW at `lr` for the rest)
+    lr: float = 3e-4  # AdamW's peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, linear decay over decay_fraction)
+    decay_fraction: float = 0.2  # wsd: the share of train.steps spent decaying
+    muon_lr: float = 0.02  # muon: the hidden matrices' peak learning rate (same schedule shape)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum before orthogonalisation
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -163,6 +179,7 @@ class Train:
     # Several processes: one that stops answering (killed, its host lost) ends the others after
     # this many seconds, rather than leaving them waiting in a collective. JAX's default: 100.
     heartbeat_timeout_s: int = 100
+    tensorboard: bool = False  # also write TensorBoard event files to WORKDIR/tensorboard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +377,7 @@ RESUME_MAY_CHANGE = (
     "train.xla_flags",
     "train.nan_at_step",
     "train.heartbeat_timeout_s",
+    "train.tensorboard",
     "model.attention",
     "model.remat",
     "model.remat_names",
@@ -464,7 +482,13 @@ def validate(exp: Experiment) -> None:
         t.batch_size % t.microbatches == 0,
         f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}",
     )
-    _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available")
+    _require(o.name in ("adamw", "muon"), f"optim.name={o.name!r}: use adamw|muon")
+    _require(o.schedule in ("cosine", "wsd"), f"optim.schedule={o.schedule!r}: use cosine|wsd")
+    _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
+    _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
+    _require(
+        m.mlp in ("auto", "gelu", "relu2", "swiglu"), f"model.mlp={m.mlp!r}: use auto|gelu|relu2|swiglu"
+    )
     _require(
         t.profile_steps == ()
         or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps),
@@ -585,6 +609,7 @@ _POSITIVE = (
     "model.rope_theta",
     "optim.lr",
     "optim.eps",
+    "optim.muon_lr",
     "train.steps",
     "train.batch_size",
     "train.microbatches",
@@ -599,6 +624,8 @@ _NON_NEGATIVE = (
     "model.d_ff",
     "model.loss_chunk",
     "model.max_segments",
+    "model.logit_softcap",
+    "model.z_loss",
     "optim.warmup_steps",
     "optim.weight_decay",
     "optim.clip_norm",
