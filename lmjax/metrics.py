@@ -1,4 +1,5 @@
-"""Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step) and a progress bar."""
+"""Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step), a progress bar, and
+TensorBoard event files in `WORKDIR/tensorboard` when asked (`train.tensorboard`)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,34 @@ from pathlib import Path
 from typing import Any
 
 from lmjax.atomic import write_atomic
+from lmjax.config import UserError
 
 
 class Logger:
     """Appends to metrics.jsonl, which keeps one consistent history: a run that restarts at
     `first_step` (a resume, or step 0) first moves the lines of later steps, whose work is
     being redone, to metrics.discarded.jsonl. `active=False` (all processes but the first of a
-    multi-process run): writes and prints nothing."""
+    multi-process run): writes and prints nothing. `tensorboard=True`: every record's metrics
+    also go to TensorBoard scalars in WORKDIR/tensorboard."""
 
     def __init__(
-        self, workdir: Path, total_steps: int, first_step: int = 0, progress: bool = True, active: bool = True
+        self,
+        workdir: Path,
+        total_steps: int,
+        first_step: int = 0,
+        progress: bool = True,
+        active: bool = True,
+        tensorboard: bool = False,
     ):
         from tqdm import tqdm
 
         self._file = None
+        self._tensorboard = None
         if active:
             _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
             self._file = open(workdir / "metrics.jsonl", "a")
+            if tensorboard:
+                self._tensorboard = TensorBoard(workdir / "tensorboard", first_step)
         self._bar = tqdm(
             total=total_steps,
             initial=first_step,
@@ -41,6 +53,8 @@ class Logger:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.write(record)
         shown = {
             k: record[k] for k in ("loss", "eval_loss", "eval_bpb", "tokens_per_s", "mfu") if k in record
         }
@@ -57,6 +71,34 @@ class Logger:
         self._bar.close()
         if self._file is not None:
             self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+class TensorBoard:
+    """Scalars for TensorBoard (tensorboardX: no TensorFlow needed), tagged with metrics.jsonl's
+    keys. A run restarting at `first_step` marks the steps after it as purged, so TensorBoard
+    shows redone steps once, as metrics.jsonl does."""
+
+    NOT_SCALARS = ("step", "tokens", "time")  # the x axes, not metrics
+
+    def __init__(self, folder: Path, first_step: int):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise UserError(
+                "train.tensorboard=true needs tensorboardX: pip install tensorboardX (or set it false)"
+            ) from e
+        self._writer = SummaryWriter(str(folder), purge_step=first_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key not in self.NOT_SCALARS:
+                self._writer.add_scalar(key, value, record["step"])
+        self._writer.flush()  # a run that dies without close (a non-finite loss) keeps its scalars
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _discard_after(path: Path, step: int, discarded: Path) -> None:

@@ -104,7 +104,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
 
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     tokens_per_step = t.batch_size * m.seq_len
-    log = Logger(workdir, t.steps, first_step=first, progress=t.progress, active=distributed.is_main())
+    log = Logger(workdir, t.steps, first, t.progress, active=distributed.is_main(), tensorboard=t.tensorboard)
     log.print(
         f"{exp.name}: {m.flavour} {count_params(m) / 1e6:.1f}M params, mesh data x fsdp x tensor = "
         f"{' x '.join(map(str, mesh.devices.shape))} on {jax.device_count()} {jax.default_backend()} devices"
