@@ -3,6 +3,13 @@
 gpt2:  LayerNorm, learned positions, GELU MLP, biases, tied embeddings.
 llama: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied head, no biases.
 
+Recipe options (config.Model, all off by default): `mlp` picks the MLP (gelu or relu2: two
+matrices, with biases in the gpt2 flavour; swiglu: three matrices, no biases in either flavour),
+`qk_norm` RMS-normalises each head's queries and keys before RoPE, `zero_init` starts the
+residual output projections at zero, `logit_softcap` squashes the logits with tanh, and
+`z_loss` adds logsumexp(logits)^2 to the training objective (`loss_terms`; never to the
+evaluation loss).
+
 Layer parameters are stored stacked, `[layers, ...]`, and the forward pass either unrolls a
 Python loop over them or `lax.scan`s: the same parameter tree either way. Parameters are kept
 in `param_dtype` (fp32 master weights) and cast to `dtype` for compute. Dimension letters:
@@ -55,10 +62,13 @@ class Layers(nnx.Module):
         L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
         param = functools.partial(_param, rngs=rngs, dtype=cfg.param_dtype)
         normal = nnx.initializers.normal(cfg.init_std)
-        # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays put.
-        out = nnx.initializers.normal(cfg.init_std / (2 * L) ** 0.5)
         zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
+        # Residual projections scaled by 1/sqrt(2L) (GPT-2) so the stream's variance stays put;
+        # zero_init: each block starts as the identity (modded-nanogpt).
+        out = zeros if cfg.zero_init else nnx.initializers.normal(cfg.init_std / (2 * L) ** 0.5)
         gpt2 = cfg.flavour == "gpt2"
+        # Parameters are created in a fixed order: each draws the next key, so the default
+        # model's values do not move when options add parameters after them.
 
         self.attn_norm_scale = param(ones, (L, D), ("layers", "embed"))
         self.w_q = param(normal, (L, D, H, E), ("layers", "embed", "heads", "head_dim"))
@@ -73,14 +83,20 @@ class Layers(nnx.Module):
             self.b_v = param(zeros, (L, K, E), ("layers", "kv_heads", "head_dim"))
             self.b_o = param(zeros, (L, D), ("layers", "embed"))
             self.mlp_norm_bias = param(zeros, (L, D), ("layers", "embed"))
-            self.w_in = param(normal, (L, D, F), ("layers", "embed", "mlp"))
-            self.b_in = param(zeros, (L, F), ("layers", "mlp"))
-            self.w_out = param(out, (L, F, D), ("layers", "mlp", "embed"))
-            self.b_out = param(zeros, (L, D), ("layers", "embed"))
-        else:
+        if cfg.mlp_kind == "swiglu":  # no biases in either flavour
             self.w_gate = param(normal, (L, D, F), ("layers", "embed", "mlp"))
             self.w_up = param(normal, (L, D, F), ("layers", "embed", "mlp"))
             self.w_down = param(out, (L, F, D), ("layers", "mlp", "embed"))
+        else:  # gelu, relu2: biased in the gpt2 flavour
+            self.w_in = param(normal, (L, D, F), ("layers", "embed", "mlp"))
+            if gpt2:
+                self.b_in = param(zeros, (L, F), ("layers", "mlp"))
+            self.w_out = param(out, (L, F, D), ("layers", "mlp", "embed"))
+            if gpt2:
+                self.b_out = param(zeros, (L, D), ("layers", "embed"))
+        if cfg.qk_norm:
+            self.q_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
+            self.k_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
 
     def arrays(self, dtype: jnp.dtype) -> dict[str, jax.Array]:
         return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
@@ -194,13 +210,32 @@ class Transformer(nnx.Module):
 
 
 def logits(cfg: config.Model, h_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    """Logits in h's dtype, soft-capped with `logit_softcap`; padded vocabulary ids get the
+    dtype's min (after the cap, so they never rise to -cap). Training, evaluation, the chunked
+    loss and generation all come through here."""
     logits_BTV = constrain(jnp.einsum("btd,dv->btv", h_BTD, head_DV), ("act_batch", "act_seq", "act_vocab"))
+    if cfg.logit_softcap:
+        logits_BTV = softcap(logits_BTV, cfg.logit_softcap)
     real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
     return jnp.where(real_V, logits_BTV, jnp.finfo(logits_BTV.dtype).min)
 
 
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """`cap * tanh(x / cap)`, computed in fp32 and returned in x's dtype: |result| < cap."""
+    return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
+
+
 def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy (fp32) over unmasked targets, and their count.
+    """Summed next-token cross-entropy (fp32) over unmasked targets, and their count: the
+    evaluation loss, which no `z_loss` setting changes."""
+    ce_sum, _, count = loss_terms(model, batch)
+    return ce_sum, count
+
+
+def loss_terms(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed cross-entropy, summed logsumexp(logits)^2, count) over unmasked targets, in fp32.
+    The training objective is `ce + model.z_loss * z` (step.py); the z sum costs nothing when
+    unused (XLA drops it).
 
     Sums rather than means, so micro-batches and eval batches add up exactly. With
     `model.loss_chunk`, logits exist for that many positions at a time, forward and backward
@@ -212,7 +247,7 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     # The head in its stored precision, cast per use: chunks then add their gradients in fp32.
     head_DV, targets_BT, mask_BT = model.head_DV(cfg.param_dtype), batch["targets"], batch["loss_mask"]
     if not cfg.loss_chunk:
-        return _loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum()
+        return (*_loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum())
     B, T, D = h_BTD.shape
     C = T // cfg.loss_chunk
 
@@ -221,23 +256,26 @@ def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Arra
 
     chunk_loss = jax.checkpoint(functools.partial(_loss_sum, cfg, head_DV))
 
-    def add_chunk(total: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        return total + chunk_loss(*chunk), None
+    def add_chunk(totals: tuple[jax.Array, jax.Array], chunk: tuple[jax.Array, ...]):
+        ce_sum, z_sum = chunk_loss(*chunk)
+        return (totals[0] + ce_sum, totals[1] + z_sum), None
 
-    total, _ = jax.lax.scan(
-        add_chunk, jnp.zeros((), jnp.float32), (chunks(h_BTD), chunks(targets_BT), chunks(mask_BT))
+    zero = jnp.zeros((), jnp.float32)
+    (ce_sum, z_sum), _ = jax.lax.scan(
+        add_chunk, (zero, zero), (chunks(h_BTD), chunks(targets_BT), chunks(mask_BT))
     )
-    return total, mask_BT.sum()
+    return ce_sum, z_sum, mask_BT.sum()
 
 
 def _loss_sum(
     cfg: config.Model, head_DV: jax.Array, h_BtD: jax.Array, targets_Bt: jax.Array, mask_Bt: jax.Array
-) -> jax.Array:
-    """Summed cross-entropy of the positions given (all of them, or one chunk)."""
+) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and summed logsumexp^2 (z-loss, PaLM) of the positions given (all
+    of them, or one chunk), from the one logsumexp."""
     logits_BtV = logits(cfg, h_BtD, head_DV.astype(h_BtD.dtype)).astype(jnp.float32)
     logz_Bt = jax.nn.logsumexp(logits_BtV, axis=-1)
     target_Bt = jnp.take_along_axis(logits_BtV, targets_Bt[..., None], axis=-1)[..., 0]
-    return ((logz_Bt - target_Bt) * mask_Bt).sum()
+    return ((logz_Bt - target_Bt) * mask_Bt).sum(), (jnp.square(logz_Bt) * mask_Bt).sum()
 
 
 def _remat_policy(cfg: config.Model) -> Callable | None:
@@ -269,7 +307,10 @@ def _block(
     v_BTKE = jnp.einsum("btd,dke->btke", h_BTD, p["w_v"])
     if gpt2:
         q_BTHE, k_BTKE, v_BTKE = q_BTHE + p["b_q"], k_BTKE + p["b_k"], v_BTKE + p["b_v"]
-    else:
+    if cfg.qk_norm:  # per head, before RoPE (OLMo-2, Qwen3, modded-nanogpt); keys are cached normed
+        q_BTHE = _norm(cfg, q_BTHE, p["q_norm_scale"], None)
+        k_BTKE = _norm(cfg, k_BTKE, p["k_norm_scale"], None)
+    if not gpt2:
         q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
         k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
     q_BTHE = checkpoint_name(constrain(q_BTHE, ("act_batch", "act_seq", "act_heads", None)), "qkv")
@@ -292,16 +333,32 @@ def _block(
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)
 
     h_BTD = _norm(cfg, x_BTD, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
-    if gpt2:
-        pre_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]) + p["b_in"], "mlp_in")
-        u_BTF = constrain(jax.nn.gelu(pre_BTF), ("act_batch", "act_seq", "act_mlp"))
-        mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]) + p["b_out"]
-    else:
+    return constrain(x_BTD + _mlp(cfg, h_BTD, p), _ACT_BTD), new_kv
+
+
+def relu2(x: jax.Array) -> jax.Array:
+    """ReLU squared (Primer; modded-nanogpt)."""
+    return jnp.square(jax.nn.relu(x))
+
+
+# The two-matrix MLPs' activations (model.mlp); jax.nn.gelu is the tanh form GPT-2 uses.
+ACTIVATIONS = {"gelu": jax.nn.gelu, "relu2": relu2}
+
+
+def _mlp(cfg: config.Model, h_BTD: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+    """SwiGLU (three matrices), or a two-matrix MLP with biases where the layer has them."""
+    if cfg.mlp_kind == "swiglu":
         gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_gate"]), "mlp_in")
         up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_up"]), "mlp_in")
         u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
-        mlp_BTD = jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
-    return constrain(x_BTD + mlp_BTD, _ACT_BTD), new_kv
+        return jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
+    pre_BTF = checkpoint_name(_plus(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]), p.get("b_in")), "mlp_in")
+    u_BTF = constrain(ACTIVATIONS[cfg.mlp_kind](pre_BTF), ("act_batch", "act_seq", "act_mlp"))
+    return _plus(jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]), p.get("b_out"))
+
+
+def _plus(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return x if bias is None else x + bias
 
 
 def _norm(cfg: config.Model, x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None) -> jax.Array:

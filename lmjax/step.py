@@ -126,26 +126,31 @@ def make_train_step(
     """One optimizer step on a global batch, accumulated over `train.microbatches`."""
     microbatches = exp.train.microbatches
     lr_schedule = optim.schedule(exp.optim, exp.train.steps)
+    z_loss = exp.model.z_loss
 
-    def grads_of(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, nnx.State]:
-        def loss_fn(p: nnx.State) -> tuple[jax.Array, jax.Array]:
-            return model.loss_sums(nnx.merge(graphdef, p), batch)
+    def grads_of(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, nnx.State]:
+        """(summed cross-entropy, summed logsumexp^2, count, gradients of the summed objective)."""
 
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss_sum, count, grads
+        def objective(p: nnx.State) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+            ce_sum, z_sum, count = model.loss_terms(nnx.merge(graphdef, p), batch)
+            # z-loss (PaLM) pulls logsumexp towards 0; off, the objective is the cross-entropy alone.
+            return (ce_sum + z_loss * z_sum if z_loss else ce_sum), (ce_sum, z_sum, count)
+
+        (_, (ce_sum, z_sum, count)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return ce_sum, z_sum, count, grads
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
         if microbatches == 1:
-            loss_sum, count, grads = grads_of(params, batch)
+            loss_sum, z_sum, count, grads = grads_of(params, batch)
         else:
 
             def accumulate(total, micro):
                 return jax.tree.map(jnp.add, total, grads_of(params, micro)), None
 
-            zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            zero = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
             micro = jax.tree.map(lambda x: _split_microbatches(x, microbatches), batch)
-            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, zero, micro)
+            (loss_sum, z_sum, count, grads), _ = jax.lax.scan(accumulate, zero, micro)
         # Sums over all tokens, divided once: accumulation equals the whole-batch step.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -160,10 +165,12 @@ def make_train_step(
             "rng": state["rng"],
         }
         metrics = {
-            "loss": loss_sum / count,
+            "loss": loss_sum / count,  # cross-entropy only, comparable with and without z-loss
             "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state["step"]),
         }
+        if z_loss:  # what z-loss adds to the objective: loss + z_loss is what the step minimises
+            metrics["z_loss"] = z_loss * z_sum / count
         return new_state, metrics
 
     return jax.jit(
