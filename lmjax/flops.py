@@ -4,7 +4,9 @@ Training FLOPs per token = 6 * N + 12 * L * H * E * T, where N counts the parame
 part in matmuls (attention and MLP weights and the output head; not the embedding lookup,
 positions, norms or biases), L is layers, H*E the attention width and T the sequence length.
 6N is forward (2N) plus backward (4N); the second term is attention's QK^T and AV matmuls
-(PaLM's count, causal masking not halved), the same count nanoGPT uses.
+(PaLM's count, causal masking not halved), the same count nanoGPT uses. The MLP has three
+matrices for SwiGLU and two otherwise (model.mlp); elementwise work (activations, norms, QK-norm,
+the logit soft-cap) is not counted.
 """
 
 from __future__ import annotations
@@ -32,20 +34,22 @@ def matmul_params(cfg: config.Model) -> int:
     """Parameters that take part in matmuls: attention, MLP and the output head."""
     L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
     attention = D * H * E + 2 * D * K * E + H * E * D
-    mlp = (2 if cfg.flavour == "gpt2" else 3) * D * F
+    mlp = (3 if cfg.mlp_kind == "swiglu" else 2) * D * F
     return L * (attention + mlp) + D * cfg.padded_vocab
 
 
 def count_params(cfg: config.Model) -> int:
     """All parameters in closed form: the matmul ones, plus the input embedding table when the
-    head is untied, positions, norms and biases."""
+    head is untied, positions, norms, biases and QK-norm scales."""
     L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
     embedding = 0 if cfg.tied else cfg.padded_vocab * D
     if cfg.flavour == "gpt2":  # LayerNorms with biases, biased projections, learned positions
-        rest = L * (2 * 2 * D + (H + 2 * K) * E + D + F + D) + 2 * D + cfg.seq_len * D
+        mlp_biases = 0 if cfg.mlp_kind == "swiglu" else F + D  # SwiGLU has none in either flavour
+        rest = L * (2 * 2 * D + (H + 2 * K) * E + D + mlp_biases) + 2 * D + cfg.seq_len * D
     else:  # RMSNorm scales only
         rest = L * 2 * D + D
-    return matmul_params(cfg) + embedding + rest
+    qk_norm = 2 * L * E if cfg.qk_norm else 0
+    return matmul_params(cfg) + embedding + rest + qk_norm
 
 
 def flops_per_token(cfg: config.Model) -> float:
