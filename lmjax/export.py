@@ -92,6 +92,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     saved = checkpoint.newest_saved(workdir, log)  # the run may be training now
     tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     m = saved.exp.model
+    hf_config.check_exportable(m)  # before anything is written
     dtype = dtype or (m.param_dtype if m.param_dtype in hf_safetensors.DTYPES else "float32")
     hf_cfg = hf_config.hf_config(m, tokenizer.bos_id, tokenizer.eos_id, dtype)
 

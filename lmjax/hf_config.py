@@ -14,8 +14,31 @@ TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def check_exportable(m: config.Model) -> None:
+    """Refuse, as one UserError naming each setting, a model that GPT2LMHeadModel or
+    LlamaForCausalLM cannot compute. zero_init and z_loss change training, not the architecture:
+    such models export."""
+    arch = ARCHITECTURES[m.flavour]
+    native_mlp = "gelu" if m.flavour == "gpt2" else "swiglu"
+    problems = []
+    if m.flavour == "gpt2" and m.kv_heads != m.n_heads:
+        problems.append(f"model.n_kv_heads={m.n_kv_heads} ({arch} has no grouped-query attention)")
+    if m.mlp_kind != native_mlp:
+        problems.append(f"model.mlp={m.mlp_kind} ({arch}'s MLP is {native_mlp}, model.mlp=auto)")
+    if m.qk_norm:
+        problems.append(f"model.qk_norm=true ({arch} has no query/key norm)")
+    if m.logit_softcap:
+        problems.append(f"model.logit_softcap={m.logit_softcap} ({arch} has no logit soft-cap)")
+    if problems:
+        raise UserError(
+            f"{'; '.join(problems)}: this model cannot be exported in the Hugging Face {arch} layout; "
+            "only models trained without these settings (lmjax's defaults) export"
+        )
+
+
 def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
     """The `config.json` of `m` for transformers; `dtype`: the stored tensors' (float32|bfloat16)."""
+    check_exportable(m)
     common = {
         "architectures": [ARCHITECTURES[m.flavour]],
         "model_type": m.flavour,
@@ -28,11 +51,6 @@ def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> dict[str
         "torch_dtype": TORCH_DTYPES[dtype],
     }
     if m.flavour == "gpt2":
-        if m.kv_heads != m.n_heads:
-            raise UserError(
-                f"model.n_kv_heads={m.n_kv_heads} with flavour gpt2: GPT2LMHeadModel has no grouped-query "
-                "attention, so this model cannot be exported in its layout"
-            )
         return common | {
             "n_layer": m.n_layers,
             "n_head": m.n_heads,
