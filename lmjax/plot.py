@@ -1,0 +1,174 @@
+"""`python -m lmjax.plot DIR [DIR ...] [--x tokens|step|time] [-o out.png]`
+
+Training loss (solid) and held-out loss (dashed, with markers) of one or several runs on one
+chart, one colour per run, read from each DIR/metrics.jsonl. From a notebook:
+`lmjax.plot.plot_runs(["runs/a", "runs/b"])` returns the matplotlib Figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmjax.config import UserError
+
+X_AXES = ("tokens", "step", "time")
+_X_LABELS = {"tokens": "tokens", "step": "step", "time": "time (s, summed over resumed sessions)"}
+
+
+@dataclasses.dataclass
+class Curves:
+    """One run's losses against step, tokens and time; the held-out points take their tokens
+    and time from the training lines (eval lines carry only the step)."""
+
+    label: str
+    train: dict[str, list[float]]  # x axis or "loss" -> values, one per training line
+    held_out: dict[str, list[float]]  # x axis or "loss" -> values, one per held-out line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lmjax.plot", description=__doc__.split("\n\n")[1])
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run folders (each with a metrics.jsonl)")
+    parser.add_argument("--x", choices=X_AXES, default="tokens", help="horizontal axis (default: tokens)")
+    parser.add_argument(
+        "-o", "--out", help="PNG to write (default: DIR/loss.png for one run, loss.png for several)"
+    )
+    parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="loss axis range")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        out = Path(args.out) if args.out else default_out(args.dirs)
+        plot_runs(args.dirs, x=args.x, out=out, ylim=args.ylim)
+    except UserError as e:
+        print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def default_out(dirs: Sequence[str | Path]) -> Path:
+    return Path(dirs[0]) / "loss.png" if len(dirs) == 1 else Path("loss.png")
+
+
+def plot_runs(
+    dirs: Sequence[str | Path],
+    x: str = "tokens",
+    out: str | Path | None = None,
+    ylim: Sequence[float] | None = None,
+) -> Any:
+    """A matplotlib Figure of the runs' losses against `x`; saved as a PNG to `out` if given.
+    The figure is drawn by Agg without pyplot, so no window opens and a notebook's backend is
+    left as it was (show it with `IPython.display.Image(out)` or `display(fig)`)."""
+    from matplotlib.figure import Figure
+
+    if x not in X_AXES:
+        raise UserError(f"--x {x}: give one of {', '.join(X_AXES)}")
+    runs = [read_run(Path(d), label) for d, label in zip(dirs, _labels(dirs), strict=True)]
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        ax.plot(run.train[x], run.train["loss"], color=colour, label=f"{run.label} train")
+        if run.held_out["loss"]:
+            ax.plot(
+                run.held_out[x],
+                run.held_out["loss"],
+                color=colour,
+                linestyle="--",
+                marker="o",
+                label=f"{run.label} held-out",
+            )
+    _decorate(ax, x, ylim)
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    return fig
+
+
+def _decorate(ax: Any, x: str, ylim: Sequence[float] | None) -> None:
+    from matplotlib.ticker import EngFormatter
+
+    ax.set_xlabel(_X_LABELS[x])
+    ax.set_ylabel("loss (nats per token)")
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter())  # 1.5M rather than 1.5e6
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def _labels(dirs: Sequence[str | Path]) -> list[str]:
+    """Each run's folder name; the path as given where two names are the same."""
+    names = [Path(d).absolute().name for d in dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs, strict=True)]
+
+
+def read_run(workdir: Path, label: str) -> Curves:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(
+            f"{path} not found: give run folders that `python -m lmjax.train --workdir DIR` has logged to"
+        )
+    records = _records(path)
+    train = [r for r in records if "loss" in r]
+    if not train:
+        raise UserError(f"{path} has no training loss yet: let the run log a step (train.log_every) first")
+    held_out = [r for r in records if "eval_loss" in r]
+    train_x = {
+        "step": [float(r["step"]) for r in train],
+        "tokens": [float(r["tokens"]) for r in train],
+        "time": _summed_time([float(r["time"]) for r in train]),
+    }
+    steps = [float(r["step"]) for r in held_out]
+    return Curves(
+        label,
+        train={**train_x, "loss": [r["loss"] for r in train]},
+        held_out={
+            "step": steps,
+            "tokens": _at_steps(steps, train_x["step"], train_x["tokens"]),
+            "time": _at_steps(steps, train_x["step"], train_x["time"]),
+            "loss": [r["eval_loss"] for r in held_out],
+        },
+    )
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's lines in step order, without a last line a kill cut short."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
+
+
+def _summed_time(times: list[float]) -> list[float]:
+    """Each session of a resumed run counts its time from its own start: add up the sessions
+    (the time between a session's last line and its stop is not known, so it is left out)."""
+    summed, offset, previous = [], 0.0, 0.0
+    for t in times:
+        if t < previous:  # a new session began
+            offset += previous
+        summed.append(offset + t)
+        previous = t
+    return summed
+
+
+def _at_steps(steps: list[float], known_steps: list[float], known: list[float]) -> list[float]:
+    """`known` (tokens or time at the training lines) at `steps`, linearly interpolated."""
+    import numpy as np
+
+    return np.interp(steps, known_steps, known).tolist()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
