@@ -57,6 +57,43 @@ def test_schedule_warmup_then_cosine():
     assert all(float(lr(s)) > float(lr(s + 1)) for s in range(4, 14))
 
 
+def test_cosine_schedule_is_the_formula_it_always_was():
+    cfg = config.Optim(lr=3e-4, warmup_steps=7, min_lr_ratio=0.1)
+    steps = np.arange(60, dtype=np.float32)
+    cosine = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * np.clip((steps - 7) / 43, 0.0, 1.0)))
+    expected = 3e-4 * np.where(steps < 7, (steps + 1) / 7, cosine)
+    np.testing.assert_allclose(optim.schedule(cfg, steps=50)(jnp.asarray(steps)), expected, rtol=1e-6)
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_linearly():
+    """20 steps, warmup 4, decay over the last 25% (5 steps: 15..20)."""
+    cfg = config.Optim(lr=2.0, warmup_steps=4, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.25)
+    lr = optim.schedule(cfg, steps=20)
+    values = {s: float(lr(s)) for s in range(21)}
+    np.testing.assert_allclose([values[s] for s in (0, 1, 3)], [0.5, 1.0, 2.0])  # warmup, as cosine's
+    assert all(values[s] == 2.0 for s in range(3, 16))  # stable until the decay starts at step 15
+    np.testing.assert_allclose(
+        [values[s] for s in (16, 17, 18, 19)], 2.0 * (1 - 0.9 * np.arange(1, 5) / 5), rtol=1e-6
+    )
+    np.testing.assert_allclose(values[20], 0.2, rtol=1e-6)  # lr * min_lr_ratio at train.steps
+    np.testing.assert_allclose(float(lr(30)), 0.2, rtol=1e-6)  # and after
+
+
+def test_wsd_decay_never_starts_inside_the_warmup():
+    cfg = config.Optim(lr=1.0, warmup_steps=6, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.9)
+    lr = optim.schedule(cfg, steps=10)
+    np.testing.assert_allclose([float(lr(s)) for s in (5, 6, 8, 10)], [1.0, 1.0, 0.5, 0.0], atol=1e-7)
+
+
+def test_schedule_peak_scales_the_same_shape():
+    """Muon's schedule is AdamW's shape at `muon_lr`."""
+    for shape in ("cosine", "wsd"):
+        cfg = config.Optim(lr=3e-4, warmup_steps=5, schedule=shape)
+        adamw, muon = optim.schedule(cfg, 40), optim.schedule(cfg, 40, peak=0.02)
+        steps = jnp.arange(41)
+        np.testing.assert_allclose(muon(steps) / 0.02, adamw(steps) / 3e-4, rtol=1e-6)
+
+
 def test_clipping_is_in_the_chain():
     """Two steps whose gradients differ 100x in norm: with clipping, the result equals AdamW fed
     the clipped gradients by hand, and differs from the unclipped run."""
