@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -196,3 +197,27 @@ def _scale_by_width() -> optax.GradientTransformation:
         return u * max(1.0, fan_out / fan_in) ** 0.5
 
     return optax.stateless(lambda updates, _params: jax.tree_util.tree_map_with_path(scale, updates))
+
+
+def tree_map_params(
+    tx: optax.GradientTransformation,
+    f: Callable[..., Any],
+    state: Any,
+    *rest: Any,
+    transform_non_params: Callable[[Any], Any] | None = None,
+) -> Any:
+    """`optax.tree_map_params` for states that hold only a share of the parameters: under
+    `optim.name=muon` each group's moments (optax.partition) have an optax.MaskedNode where a
+    parameter belongs to the other group. Those stay as they are; plain optax would try to pair
+    them with the parameter-shaped `rest` and fail on the tree structures."""
+
+    def at_param(leaf: Any, *args: Any) -> Any:
+        return leaf if _is_masked(leaf) else f(leaf, *args)
+
+    return optax.tree_map_params(
+        tx, at_param, state, *rest, transform_non_params=transform_non_params, is_leaf=_is_masked
+    )
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)

@@ -174,6 +174,23 @@ def test_muon_momentum_is_kept_in_the_parameters_dtype():
     assert set(_named_leaves(mu)) == {n for n in _named_leaves(params) if n.startswith("w_")}
 
 
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_tree_map_params_pairs_each_moment_with_its_parameter(flavour):
+    """What the optimizer-state shardings are built with: every moment of either group meets its
+    own parameter, the other group's MaskedNodes are kept, and the tree is the state's."""
+    params = _params(flavour)
+    tx = optim.make(_muon_cfg(), steps=4)
+    state = jax.eval_shape(tx.init, params)
+    met = optim.tree_map_params(
+        tx, lambda moment, p: moment.shape == p.shape, state, params, transform_non_params=lambda _: "-"
+    )
+    assert jax.tree.structure(met) == jax.tree.structure(state)
+    matrices = sum(name.startswith("w_") for name in _named_leaves(params))
+    others = len(jax.tree.leaves(params)) - matrices
+    moments = [x for x in jax.tree.leaves(met) if x != "-"]
+    assert moments == [True] * (matrices + 2 * others)  # Muon's mu; AdamW's mu and nu
+
+
 def _two_steps(exp, devices=None):
     mesh = sharding.make_mesh(exp, devices)
     tx = optim.make(exp.optim, exp.train.steps)
