@@ -37,7 +37,7 @@ def state_shardings(
     param_sh = sharding.state_shardings(abstract_params, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(
+    opt_sh = optim.tree_map_params(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
     return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
