@@ -90,9 +90,9 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     _require_empty(out)
     workdir = workdir.absolute()
     saved = checkpoint.newest_saved(workdir, log)  # the run may be training now
-    tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     m = saved.exp.model
-    hf_config.check_exportable(m)  # before anything is written
+    hf_config.check_exportable(m)  # before the tokenizer or any weight is read, or anything written
+    tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     dtype = dtype or (m.param_dtype if m.param_dtype in hf_safetensors.DTYPES else "float32")
     hf_cfg = hf_config.hf_config(m, tokenizer.bos_id, tokenizer.eos_id, dtype)
 

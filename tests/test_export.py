@@ -669,3 +669,50 @@ def test_import_assembles_the_model_on_the_host_cpu(monkeypatch):
 
     monkeypatch.setattr(jax, "local_devices", no_cpu)
     assert host_device() == real()[0]
+
+
+# --- recipe options (config.Model: mlp, qk_norm, zero_init, logit_softcap, z_loss) ----------------
+
+
+@pytest.mark.parametrize(
+    "name, changes, refused",
+    [
+        ("gpt2", {"qk_norm": True}, "model.qk_norm=true (GPT2LMHeadModel has no query/key norm)"),
+        ("llama", {"logit_softcap": 30.0}, "model.logit_softcap=30.0 (LlamaForCausalLM has no logit"),
+        ("gpt2", {"mlp": "relu2"}, "model.mlp=relu2 (GPT2LMHeadModel's MLP is gelu"),
+        ("gpt2", {"mlp": "swiglu"}, "model.mlp=swiglu (GPT2LMHeadModel's MLP is gelu"),
+        ("llama", {"mlp": "gelu"}, "model.mlp=gelu (LlamaForCausalLM's MLP is swiglu"),
+        ("gpt2", {"n_kv_heads": 2}, "model.n_kv_heads=2 (GPT2LMHeadModel has no grouped-query attention)"),
+        ("gpt2", {"mlp": "gelu", "zero_init": True, "z_loss": 1e-4}, None),  # training-only options
+        ("llama", {"mlp": "swiglu", "zero_init": True, "z_loss": 1e-4}, None),
+    ],
+)
+def test_export_config_refuses_what_the_hf_classes_cannot_compute(name, changes, refused):
+    from lmjax import hf_config
+
+    m = config.Model(**{**vars(MODELS[name]), **changes})
+    if refused is None:
+        assert hf_config.hf_config(m, 1, 2, "float32")["architectures"] == [hf_config.ARCHITECTURES[name]]
+        return
+    with pytest.raises(config.UserError, match="cannot be exported") as e:
+        hf_config.hf_config(m, 1, 2, "float32")
+    assert refused in str(e.value)
+
+
+def test_export_of_a_run_with_recipe_options_exits_2_before_writing(tmp_path, capsys):
+    """One line naming every option HF's class lacks (not zero_init or z_loss); no output folder."""
+    options = {"mlp": "relu2", "qk_norm": True, "logit_softcap": 30.0, "zero_init": True, "z_loss": 1e-4}
+    m = config.Model(**{**vars(MODELS["gpt2"]), **options})
+    workdir = tmp_path / "run"
+    _, abstract = step.abstract_model(m)
+    ckpts = checkpoint.Checkpoints(workdir, log=quiet)
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    exp = config.Experiment(model=m)
+    ckpts.save({"params": params, "step": jnp.asarray(1, jnp.int32)}, {"loader": {}}, exp)
+    ckpts.wait()
+    ckpts.close()
+    err = _one_line_error(["--workdir", str(workdir), "--to", "hf", str(tmp_path / "out")], capsys)
+    for named in ("model.mlp=relu2", "model.qk_norm=true", "model.logit_softcap=30.0"):
+        assert named in err, err
+    assert "zero_init" not in err and "z_loss" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -1,7 +1,8 @@
+import jax
 import pytest
 from conftest import tiny_experiment
 
-from lmjax import flops
+from lmjax import flops, step
 
 
 def test_flops_per_token_by_hand():
@@ -16,6 +17,34 @@ def test_llama_gqa_counts_fewer_kv_flops():
     # llama, 2 kv heads of 8: k and v are 32*16 each; SwiGLU has three 32*64 matrices.
     # N = 2 * (2*32*32 + 2*32*16 + 3*32*64) + 32*256 = 2 * 9216 + 8192 = 26624
     assert flops.matmul_params(tiny_experiment("llama").model) == 26624
+
+
+def test_mlp_option_sets_the_matrix_count():
+    # gpt2 with SwiGLU: three 32*64 matrices (no MLP biases); llama with ReLU^2: two.
+    gpt2 = tiny_experiment("gpt2", "model.mlp=swiglu").model
+    assert flops.matmul_params(gpt2) == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 256
+    llama = tiny_experiment("llama", "model.mlp=relu2").model
+    assert flops.matmul_params(llama) == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 2 * 32 * 64) + 32 * 256
+
+
+@pytest.mark.parametrize(
+    "flavour,sets",
+    [
+        ("gpt2", ()),
+        ("llama", ()),
+        ("gpt2", ("model.mlp=relu2",)),
+        ("gpt2", ("model.mlp=swiglu", "model.qk_norm=true")),
+        ("llama", ("model.mlp=gelu",)),
+        ("llama", ("model.mlp=relu2", "model.qk_norm=true", "model.tie_embeddings=true")),
+        ("gpt2", ("model.zero_init=true", "model.logit_softcap=30", "model.z_loss=1e-4")),
+        ("llama", ("model.mlp=swiglu", "model.d_ff=0")),  # the 8/3 rule
+    ],
+)
+def test_param_count_matches_the_model_tree(flavour, sets):
+    """The closed form against the real parameter tree, over the recipe options."""
+    cfg = tiny_experiment(flavour, *sets).model
+    _, abstract = step.abstract_model(cfg)  # shapes only
+    assert sum(x.size for x in jax.tree.leaves(abstract)) == flops.count_params(cfg)
 
 
 @pytest.mark.parametrize(
