@@ -15,6 +15,8 @@
 #   gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed
 #                    benchmarks/throughput.py records (each measures the matmul ceiling too)
 #   generate         benchmarks/generate_speed.py: gpt2_124m prefill and greedy decode, batch 1 and 8
+#   plan-check       benchmarks/plan_check.py: `lmjax.plan`'s memory estimate against XLA's memory
+#                    analysis of the compiled bf16 step (gpt2_124m, llama_1b; a couple of remat policies)
 #
 # Everything goes to ${OUT:-benchmarks/results/gpu-run}: per stage a log (NAME.log) and a line in
 # stages.jsonl ({"stage", "rc", "ok", "seconds", "limit_s"}) written as it ends, the JSON records
@@ -93,8 +95,8 @@ if ((CPU)); then
   GPT2_124M=("${TINY[@]}")
   GPT2_774M=("${TINY[@]}")
   LLAMA_1B=("${TINY[@]}" --set model.n_kv_heads=2)
-  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed, generate
-  LIMIT=(90 60 60 60 60 60)
+  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed, generate, plan-check
+  LIMIT=(90 60 60 60 60 60 150)
   GENERATE=(--prompt-len 32 --new-tokens 8 --repeats 1)
 else
   BACKEND=gpu
@@ -103,10 +105,10 @@ else
   GPT2_774M=(--set train.batch_size=8 --set model.seq_len=1024)
   LLAMA_1B=()
   # Cold compiles on an H100 (the cache dir is usually fresh on a rented box).
-  LIMIT=(60 75 110 120 75 60)
+  LIMIT=(60 75 110 120 75 60 150)
   GENERATE=(--prompt-len 128 --new-tokens 64)
 fi
-STAGES=(attention-check gpt2_124m llama_1b gpt2_774m gpt2_124m-packed generate)
+STAGES=(attention-check gpt2_124m llama_1b gpt2_774m gpt2_124m-packed generate plan-check)
 
 {
   echo "date: $(date -u +%FT%TZ)  python: $PYTHON  cpu-rehearsal: $CPU  budget: ${BUDGET}s"
@@ -132,6 +134,9 @@ GPT2_124M_MODEL=() # the generation benchmark takes the model settings, not the 
 if ((CPU)); then GPT2_124M_MODEL=("${TINY[@]}"); fi
 stage generate "${LIMIT[5]}" "$PYTHON" benchmarks/generate_speed.py --experiment gpt2_124m --batch 1,8 \
   --out "$OUT" "${GENERATE[@]}" ${GPT2_124M_MODEL[@]+"${GPT2_124M_MODEL[@]}"}
+PLAN_CHECK=() # compile-only: the planner's memory estimate against XLA's (tiny fp32 models on CPU)
+if ((CPU)); then PLAN_CHECK=(--cpu); fi
+stage plan-check "${LIMIT[6]}" "$PYTHON" benchmarks/plan_check.py --out "$OUT" ${PLAN_CHECK[@]+"${PLAN_CHECK[@]}"}
 
 echo "done in $((SECONDS - START))s; results in $OUT"
 if grep -q '"ok": false' "$OUT/stages.jsonl"; then

@@ -23,8 +23,8 @@ for the backward pass, the optimizer's update). Here:
   (`jax._src.ad_checkpoint.saved_residuals` of the loss under the remat policy, the attention
   kernel the target device would run, scanned or unrolled, the chunked loss), for one
   micro-batch's rows on one device, divided by `mesh.tensor` where heads, d_ff or the vocabulary
-  are split; with remat, plus half of one layer's recomputed activations (what the backward pass
-  holds while it recomputes a layer: measured on CPU, XLA frees as it goes).
+  are split; with remat, plus part of one layer's recomputed activations (what the backward pass
+  holds while it recomputes a layer: RECOMPUTED_LIVE, measured on CPU).
 
 Left out: XLA's fusion and scheduling choices (on GPU it may keep less or more), collective
 buffers of FSDP/tensor parallelism, the batch itself (12 bytes a token), the compiled code,
@@ -54,6 +54,10 @@ DEFAULT_MFU = 0.40  # GPU/TPU, where no benchmark record of the card exists
 TOKENS_PER_PARAM = 20  # compute-optimal (Hoffmann et al. 2022)
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PARTS = ("params", "optimizer", "gradients", "activations")
+# The share of one layer's recomputed activations live at once in its backward pass (XLA frees
+# them as it goes). Measured on CPU (fp32, scanned layers): 0.6 to 1.0 with remat=full, where
+# the matmul outputs are recomputed too, and about 0.3 with dots/named.
+RECOMPUTED_LIVE = {"full": 0.75, "dots": 0.4, "named": 0.4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +178,7 @@ def memory_per_device(
     if cfg.remat != "none":  # the backward pass recomputes one layer at a time
         no_remat = dataclasses.replace(cfg, remat="none")
         dropped = _activation_bytes(no_remat, rows, rules, sizes) - activations
-        activations += 0.5 * dropped / cfg.n_layers
+        activations += RECOMPUTED_LIVE[cfg.remat] * dropped / cfg.n_layers
     gradients = params * (2 if exp.train.microbatches > 1 else 1)
     memory = {"params": params, "optimizer": optimizer, "gradients": gradients, "activations": activations}
     return memory | {"total": sum(memory.values())}
@@ -388,7 +392,7 @@ def mfu_estimate(exp: config.Experiment, devices: hardware.Devices) -> tuple[flo
         return None, None, "no CPU throughput record in benchmarks/results: no time estimate"
     if record:
         return record["mfu"], devices.peak_tflops, f"measured: {_record_name(record)}"
-    return DEFAULT_MFU, devices.peak_tflops, f"default {DEFAULT_MFU:.0%} (no benchmark record of this card)"
+    return DEFAULT_MFU, devices.peak_tflops, f"default {DEFAULT_MFU:.0%}: no benchmark record of this card"
 
 
 def _newest_record(experiment: str, devices: hardware.Devices) -> dict | None:
@@ -432,11 +436,10 @@ def render(p: Plan) -> str:
         f"plan for {p.experiment} on {p.devices} ({p.n_devices} x {p.device_kind}), mesh {mesh}, "
         f"{p.microbatches} micro-batch(es)",
         "",
-        f"  parameters          {p.params / 1e6:,.1f}M",
+        f"  parameters          {_count(p.params)}",
         f"  FLOPs per token     {p.flops_per_token / 1e9:,.3f} GFLOP (6N + 12·L·d·T)",
-        f"  tokens              {p.tokens / 1e9:,.3f}B this run; compute-optimal "
-        f"{p.optimal_tokens / 1e9:,.3f}B ({TOKENS_PER_PARAM} per parameter, "
-        f"{p.tokens / p.optimal_tokens:.2f}x)",
+        f"  tokens              {_count(p.tokens)} this run; compute-optimal {_count(p.optimal_tokens)} "
+        f"({TOKENS_PER_PARAM} per parameter; this run has {p.tokens / p.optimal_tokens:.2g}x that)",
         f"  FLOPs, whole run    {p.total_flops:.3e}",
         "",
         f"  memory per device   (of {_gib(p.memory_per_device)}, {USABLE:.0%} = {_gib(p.usable)} usable)",
@@ -446,7 +449,7 @@ def render(p: Plan) -> str:
     rows.append("")
     if p.hours is not None:
         rows.append(
-            f"  wall time           {_duration(p.hours)} at {p.mfu:.0%} MFU of {p.peak_tflops:,.0f} "
+            f"  wall time           {_duration(p.hours)} at {p.mfu:.0%} MFU of {p.peak_tflops:,.4g} "
             f"TFLOP/s per device ({p.mfu_source})"
         )
     else:
@@ -462,6 +465,10 @@ def render(p: Plan) -> str:
             "try model.remat=full, more devices or a smaller model"
         )
     return "\n".join(rows)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
 
 
 def _gib(n: float) -> str:
