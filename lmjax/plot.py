@@ -18,7 +18,7 @@ from typing import Any
 from lmjax.config import UserError
 
 X_AXES = ("tokens", "step", "time")
-_X_LABELS = {"tokens": "tokens", "step": "step", "time": "time (s, summed over resumed sessions)"}
+_X_LABELS = {"tokens": "tokens", "step": "step", "time": "training time (s)"}
 
 
 @dataclasses.dataclass

@@ -80,7 +80,7 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
     assert (tmp_path / "run" / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert any(o.get("output_type") == "display_data" and "image/png" in o["data"] for o in _plot_outputs(nb))
     assert "held-out at step 12" in out["plot"]
-    assert out["sample"].count("--- ") == 2
+    assert out["sample"].startswith("--- 'def '\ndef ") and "\n--- 'import '\nimport " in out["sample"]
 
 
 def _text(cell) -> str:
