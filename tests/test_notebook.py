@@ -1,7 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom on CPU, in a kernel of this venv, against the
 installed checkout (no install, no network), with a few steps of a tiny model."""
 
-import importlib.util
 import json
 import math
 import os
@@ -63,29 +62,24 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
     tags = [c.metadata.get("tags", []) for c in nb.cells]
     at = next(i for i, t in enumerate(tags) if "parameters" in t)
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters_for_test(tmp_path / "run")))
-    if importlib.util.find_spec("lmjax.plan") is None:  # being written beside this notebook
-        plan = next(c for c in nb.cells if "plan" in c.metadata.get("tags", []))
-        plan.source = "print('lmjax.plan is not there yet')"
 
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
 
-    out = {c.metadata["tags"][0]: _text(c) for c in nb.cells if c.metadata.get("tags")}
+    tagged = {c.metadata["tags"][0]: c for c in nb.cells if c.metadata.get("tags")}
+    out = {tag: _text(cell) for tag, cell in tagged.items()}
     assert "jax " in out["install"] and "cpu" in out["install"] and "pip install" not in out["install"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["step"] for r in records if "loss" in r][-1] == STEPS
     assert losses[-1] < losses[0] - 0.3 and losses[0] < math.log(TINY_DATA.vocab_size) + 0.5
     assert (tmp_path / "run" / "loss.png").read_bytes().startswith(b"\x89PNG")
-    assert any(o.get("output_type") == "display_data" and "image/png" in o["data"] for o in _plot_outputs(nb))
-    assert "held-out at step 12" in out["plot"]
+    assert any(o.output_type == "display_data" and "image/png" in o.data for o in tagged["plot"].outputs)
+    assert f"held-out at step {STEPS}:" in out["plot"]
     assert out["sample"].startswith("--- 'def '\ndef ") and "\n--- 'import '\nimport " in out["sample"]
+    assert "gpt2_124m" in out["plan"]
 
 
 def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
-
-
-def _plot_outputs(nb) -> list:
-    return next(c for c in nb.cells if "plot" in c.metadata.get("tags", [])).outputs
