@@ -48,24 +48,73 @@ def main(argv: list[str] | None = None) -> int:
     except config.UserError as e:
         print(f"recipe: error: {e}", file=sys.stderr)
         return 2
+    ablations = leave_one_out(*experiments) if args.ablate else {}
 
     from lmjax import train
 
-    runs = []
-    for exp in experiments:
+    def trained(exp: config.Experiment) -> dict:
         workdir = Path(args.workdir) / exp.name
         start = time.time()
         train.run(exp, workdir)
-        runs.append(_run_summary(exp, workdir, time.time() - start))
+        return _run_summary(exp, workdir, time.time() - start)
+
+    runs = [trained(exp) for exp in experiments]
     record = _compare(runs)
+    if ablations:
+        record["ablations"] = [_ablation(option, trained(exp), runs[0]) for option, exp in ablations.items()]
     name = f"recipe-{args.pair or 'custom'}-{_device_tag()}{'-' + args.tag if args.tag else ''}"
     record = _header(experiments[0], runs) | record
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     _plot([Path(args.workdir) / exp.name for exp in experiments], results / f"{name}.png")
-    print(json.dumps(record["comparison"], indent=2))
+    print(json.dumps(record["comparison"] | {"ablations": record.get("ablations", [])}, indent=2))
     return 0
+
+
+# The candidate's options, each as the settings it consists of: `--ablate` trains the candidate
+# once without each option it has (its settings back at the baseline's), to show what each buys.
+OPTIONS = {
+    "muon": ("optim.name", "optim.muon_lr", "optim.muon_momentum"),
+    "wsd": ("optim.schedule", "optim.decay_fraction", "optim.min_lr_ratio"),
+    "mlp": ("model.mlp",),
+    "qk_norm": ("model.qk_norm",),
+    "zero_init": ("model.zero_init",),
+    "logit_softcap": ("model.logit_softcap",),
+    "z_loss": ("model.z_loss",),
+}
+
+
+def leave_one_out(baseline: config.Experiment, candidate: config.Experiment) -> dict[str, config.Experiment]:
+    """For each option in which the candidate differs from the baseline: the candidate with that
+    option's settings set back to the baseline's, named `<candidate>-without_<option>`."""
+    before, after = config.flat(baseline), config.flat(candidate)
+    out = {}
+    for option, keys in OPTIONS.items():
+        if all(before[k] == after[k] for k in keys):
+            continue
+        overrides = [
+            f"{k}={json.dumps(before[k]) if not isinstance(before[k], str) else before[k]}" for k in keys
+        ]
+        exp = config.apply_overrides(candidate, [*overrides, f"name={candidate.name}-without_{option}"])
+        config.validate(exp)
+        out[option] = exp
+    return out
+
+
+def _ablation(option: str, run: dict, baseline: dict) -> dict:
+    target = baseline["final_eval_loss"]
+    needed = tokens_to_reach(run["eval_curve"], target)
+    baseline_needed = tokens_to_reach(baseline["eval_curve"], target)
+    return {
+        "without": option,
+        "experiment": run["experiment"],
+        "final_eval_loss": run["final_eval_loss"],
+        "final_eval_bpb": run["final_eval_bpb"],
+        "tokens_to_reach_target": needed,
+        "tokens_saved": None if needed is None else 1 - needed / baseline_needed,
+        "eval_curve": run["eval_curve"],
+    }
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +125,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], help="an override for both runs")
     parser.add_argument("--workdir", default="runs/recipe", help="each run trains in WORKDIR/<name>")
     parser.add_argument("--tag", default="", help="suffix of the result's file name")
+    parser.add_argument("--ablate", action="store_true", help="also train the candidate without each option")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON and PNG go")
     args = parser.parse_args(argv)
     if not args.pair and not (args.baseline and args.candidate):
@@ -83,12 +133,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# What a pair must share for "tokens to reach the same held-out loss" to mean anything: the
+# tokens seen, the held-out measurement (and the tokenizer it counts tokens with), the model's size.
+SHARED = (
+    *("train.steps", "train.batch_size", "train.eval_every", "train.eval_batches"),
+    *("model.seq_len", "model.d_model", "model.n_layers", "model.n_heads", "model.vocab_size"),
+)
+
+
 def _require_comparable(a: config.Experiment, b: config.Experiment) -> None:
-    """Same tokens seen and the same held-out measurement, or the comparison means nothing."""
-    for key in ("train.steps", "train.batch_size", "model.seq_len", "train.eval_every", "train.eval_batches"):
-        left, right = config.flat(a)[key], config.flat(b)[key]
-        if left != right:
-            raise config.UserError(f"{key} differs ({left} vs {right}); the pair must share it")
+    left, right = config.flat(a), config.flat(b)
+    for key in [*SHARED, *(k for k in left if k.startswith("data."))]:
+        if left[key] != right[key]:
+            raise config.UserError(f"{key} differs ({left[key]} vs {right[key]}); the pair must share it")
     if a.train.eval_batches != 0:
         raise config.UserError("set train.eval_batches=0 so both runs score the whole validation split")
 

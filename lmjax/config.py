@@ -383,6 +383,7 @@ RESUME_MAY_CHANGE = (
     "model.remat_names",
     "model.loss_chunk",
     "model.max_segments",
+    "model.z_loss",  # the objective only, like optim.*: announced
     "data.cache_dir",
 )
 
@@ -426,7 +427,9 @@ def check_resume(saved: Experiment, new: Experiment, step: int, what: str, warm_
         f"train.steps={new.train.steps} is below step {step} that this run already reached; "
         f"raise train.steps to continue it",
     )
-    notes = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith("optim.")]
+    notes = [
+        f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith(("optim.", "model.z_loss"))
+    ]
     if "train.steps" in changed:
         notes.append(
             f"train.steps: {saved.train.steps} -> {new.train.steps} (the learning-rate schedule now "
@@ -486,9 +489,7 @@ def validate(exp: Experiment) -> None:
     _require(o.schedule in ("cosine", "wsd"), f"optim.schedule={o.schedule!r}: use cosine|wsd")
     _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
     _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
-    _require(
-        m.mlp in ("auto", "gelu", "relu2", "swiglu"), f"model.mlp={m.mlp!r}: use auto|gelu|relu2|swiglu"
-    )
+    _require(m.mlp in ("auto", "gelu", "relu2", "swiglu"), f"model.mlp={m.mlp!r}: use auto|gelu|relu2|swiglu")
     _require(
         t.profile_steps == ()
         or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps),

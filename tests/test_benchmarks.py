@@ -21,7 +21,10 @@ TINY = [
     *("--set", "model.dtype=float32", "--steps", "2", "--warmup", "1", "--ceiling-size", "256"),
 ]
 RUNS = ("gpt2_124m-cpu1", "gpt2_124m-cpu1-packed", "gpt2_774m-cpu1", "llama_1b-cpu1")
-STAGES = ["env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed", "generate"]
+STAGES = [
+    *("env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed"),
+    *("generate", "plan-check"),
+]
 DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
 
 
@@ -181,6 +184,13 @@ def test_the_rehearsal_measured_generation(rehearsal):
     assert [x["batch"] for x in r["results"]] == [1, 8] and all(
         x["decode_tokens_per_s"] > 0 for x in r["results"]
     )
+
+
+def test_the_rehearsal_checked_the_planner(rehearsal):
+    """Each config's estimate against XLA's analysis of the compiled step, within the tested 25%."""
+    r = json.loads(next(rehearsal.glob("plan_check-cpu*.json")).read_text())
+    ratios = [c["ratio"] for c in r["results"]]
+    assert ratios and all(0.75 < x < 1.25 for x in ratios), ratios
 
 
 def test_sharded_mesh_in_process(tmp_path):

@@ -389,6 +389,8 @@ def test_warm_start_takes_parameters_and_tokenizer(reference, tmp_path, capsys):
         ("data.vocab_size=300", "data.vocab_size=300 but the checkpoint"),
         ("train.steps=10", "train.steps=10 is below step 24"),
         ("optim.clip_norm=0", "change the optimizer state"),
+        ("optim.name=muon", "change the optimizer state"),
+        ("model.qk_norm=true", "model.qk_norm=True but the checkpoint"),
     ],
 )
 def test_a_resume_that_would_change_the_run_exits_2(finished, change, message, capsys):

@@ -226,8 +226,11 @@ def test_a_saved_config_read_back_resumes_without_changes():
     )
     saved = config.from_dict(json.loads(json.dumps(config.to_dict(exp))))
     assert config.check_resume(saved, exp, 5, "the checkpoint", "DIR") == []
-    changed = config.apply_overrides(exp, ["optim.lr=1e-4", "train.steps=9000", "mesh.tensor=2"])
+    changed = config.apply_overrides(
+        exp, ["optim.lr=1e-4", "train.steps=9000", "mesh.tensor=2", "model.z_loss=1e-4"]
+    )
     assert config.check_resume(saved, changed, 5, "the checkpoint", "DIR") == [
+        "model.z_loss: 0.0 -> 0.0001",
         f"optim.lr: {exp.optim.lr!r} -> 0.0001",
         f"train.steps: {exp.train.steps} -> 9000 (the learning-rate schedule now ends at step 9000)",
     ]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 from conftest import TINY_DATA, metrics_of
+from test_benchmarks import _benchmark
 
 from lmjax import config
-from test_benchmarks import _benchmark
 
 recipe = _benchmark("recipe")
 
@@ -63,13 +63,36 @@ def test_a_pair_that_sees_different_tokens_is_refused(tmp_path, capsys):
     argv = ["--baseline", "recipe_gpt2_cpu", "--candidate", "stdlib_tiny", "--workdir", str(tmp_path)]
     assert recipe.main(argv) == 2
     assert "train.eval_every differs" in capsys.readouterr().err
+    # Tokens to a held-out loss compare only under the same tokenizer.
+    other = tmp_path / "other_tokenizer.py"
+    other.write_text(
+        "import dataclasses\nfrom lmjax.experiments import recipe_improved_cpu as r\n"
+        "def config():\n    e = r.config()\n"
+        "    return dataclasses.replace(e, data=dataclasses.replace(e.data, vocab_size=4096))\n"
+    )
+    argv = ["--baseline", "recipe_gpt2_cpu", "--candidate", str(other), "--workdir", str(tmp_path)]
+    assert recipe.main(argv) == 2
+    assert "data.vocab_size differs (2048 vs 4096)" in capsys.readouterr().err
 
 
 def test_the_pairs_differ_only_in_the_recipe():
-    """Same model size, data, batch and token budget; only recipe options differ."""
-    recipe_keys = ("name", "optim.", "model.mlp", "model.qk_norm", "model.zero_init", "model.logit_softcap")
+    """Same model size, data, batch, token budget and AdamW settings: only the options differ."""
+    options = {k for keys in recipe.OPTIONS.values() for k in keys}
     for baseline, candidate in recipe.PAIRS.values():
         a, b = (config.flat(config.load_experiment(n)) for n in (baseline, candidate))
-        differ = [k for k in a if a[k] != b[k]]
-        assert differ and all(k.startswith((*recipe_keys, "model.z_loss")) for k in differ), differ
+        differ = {k for k in a if a[k] != b[k]} - {"name"}
+        assert differ and differ <= options, differ
         assert a["optim.name"] == "adamw" and a["model.mlp"] == "auto"
+
+
+def test_leave_one_out_sets_each_option_back_alone():
+    baseline, candidate = (config.load_experiment(n) for n in recipe.PAIRS["cpu"])
+    ablations = recipe.leave_one_out(baseline, candidate)
+    assert sorted(ablations) == sorted(recipe.OPTIONS)  # the CPU candidate has every option
+    before, after = config.flat(baseline), config.flat(candidate)
+    for option, exp in ablations.items():
+        ablated = config.flat(exp)
+        assert ablated["name"] == f"recipe_improved_cpu-without_{option}"
+        changed = {k for k in after if ablated[k] != after[k]} - {"name"}
+        assert changed == {k for k in recipe.OPTIONS[option] if before[k] != after[k]}
+        assert all(ablated[k] == before[k] for k in recipe.OPTIONS[option])
