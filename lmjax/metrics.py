@@ -19,7 +19,11 @@ class Logger:
     `first_step` (a resume, or step 0) first moves the lines of later steps, whose work is
     being redone, to metrics.discarded.jsonl. `active=False` (all processes but the first of a
     multi-process run): writes and prints nothing. `tensorboard=True`: every record's metrics
-    also go to TensorBoard scalars in WORKDIR/tensorboard."""
+    also go to TensorBoard scalars in WORKDIR/tensorboard.
+
+    `time_offset`: the `time` of the last line kept (0 if none), where a resumed session's
+    clock starts, so `time` in metrics.jsonl runs on across sessions; the time between a
+    session's last logged line and its stop is not counted."""
 
     def __init__(
         self,
@@ -34,8 +38,10 @@ class Logger:
 
         self._file = None
         self._tensorboard = None
+        self.time_offset = 0.0
         if active:
-            _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
+            kept = _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
+            self.time_offset = next((r["time"] for r in reversed(kept) if "time" in r), 0.0)
             self._file = open(workdir / "metrics.jsonl", "a")
             if tensorboard:
                 self._tensorboard = TensorBoard(workdir / "tensorboard", first_step)
@@ -101,16 +107,17 @@ class TensorBoard:
         self._writer.close()
 
 
-def _discard_after(path: Path, step: int, discarded: Path) -> None:
+def _discard_after(path: Path, step: int, discarded: Path) -> list[dict[str, Any]]:
+    """Moves the lines of steps after `step` to `discarded`; returns the lines kept."""
     if not path.exists():
-        return
+        return []
     lines = path.read_text().splitlines(keepends=True)
     later = [line for line in lines if _step_of(line) > step]
-    if not later:
-        return
-    with discarded.open("a") as f:
-        f.writelines(later)
-    write_atomic(path, "".join(line for line in lines if _step_of(line) <= step).encode())
+    if later:
+        with discarded.open("a") as f:
+            f.writelines(later)
+        write_atomic(path, "".join(line for line in lines if _step_of(line) <= step).encode())
+    return [json.loads(line) for line in lines if _step_of(line) <= step]
 
 
 def _step_of(line: str) -> float:

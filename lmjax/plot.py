@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         plot_runs(args.dirs, x=args.x, out=out, ylim=args.ylim)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # -o under a file, a folder without permission
+        print(
+            f"lmjax: error: {e.filename}: {e.strerror}" if e.filename else f"lmjax: error: {e}",
+            file=sys.stderr,
+        )
         return 2
     print(out)
     return 0
@@ -88,6 +95,7 @@ def plot_runs(
             )
     _decorate(ax, x, ylim)
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
     return fig
 
@@ -125,7 +133,7 @@ def read_run(workdir: Path, label: str) -> Curves:
     train_x = {
         "step": [float(r["step"]) for r in train],
         "tokens": [float(r["tokens"]) for r in train],
-        "time": _summed_time([float(r["time"]) for r in train]),
+        "time": _continued_time([float(r["time"]) for r in train]),
     }
     steps = [float(r["step"]) for r in held_out]
     return Curves(
@@ -151,16 +159,10 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return sorted((r for r in records if "step" in r), key=lambda r: r["step"])
 
 
-def _summed_time(times: list[float]) -> list[float]:
-    """Each session of a resumed run counts its time from its own start: add up the sessions
-    (the time between a session's last line and its stop is not known, so it is left out)."""
-    summed, offset, previous = [], 0.0, 0.0
-    for t in times:
-        if t < previous:  # a new session began
-            offset += previous
-        summed.append(offset + t)
-        previous = t
-    return summed
+def _continued_time(times: list[float]) -> list[float]:
+    """`time` runs on across a resumed run's sessions; in files written before it did, each
+    session restarted the clock: a drop in `time` starts a session, which adds on."""
+    return list(accumulate(b - a if b >= a else b for a, b in zip([0.0, *times], times, strict=False)))
 
 
 def _at_steps(steps: list[float], known_steps: list[float], known: list[float]) -> list[float]:

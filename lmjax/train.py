@@ -129,7 +129,8 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
         held_out = evaluate.held_out(
             exp, corpus, graphdef, shardings["params"], mesh, "validation", t.eval_batches
         )
-        start, throughput = time.time(), Throughput()
+        # `time` runs on from the last kept line of a resumed run (metrics.Logger.time_offset)
+        start, throughput = time.time() - log.time_offset, Throughput()
         last: dict[str, Any] = {}
 
         def settle(done: int, metrics: dict[str, jax.Array]) -> None:

@@ -1,6 +1,7 @@
 """`python -m lmjax.plot`: loss curves of several runs on one chart, in-process."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,25 @@ def test_two_real_runs_on_one_png(short_run, logged_run, tmp_path):
     assert [len(line.get_xdata()) for line in lines] == [1, 1, 3, 2]
 
 
+def test_a_resumed_runs_time_runs_on_and_is_the_time_axis(tmp_path):
+    """The resumed session's clock starts at the last kept line's `time` (step 3's; the last
+    kept line is step 3's held-out line, which has none)."""
+    argv = tiny_train_argv(tmp_path, "train.steps=6", "train.log_every=1", "train.eval_every=3")
+    assert train.main([*argv, "--set", "checkpoint.every=3"]) == 0
+    before = {r["step"]: r["time"] for r in metrics_of(tmp_path) if "time" in r}
+    shutil.rmtree(tmp_path / "checkpoints" / "6")  # resume from step 3: steps 4-6 are redone
+    assert train.main([*argv, "--set", "checkpoint.every=3"]) == 0
+
+    trained = [r for r in metrics_of(tmp_path) if "time" in r]
+    times = [r["time"] for r in trained]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
+    assert times[:3] == [before[1], before[2], before[3]]  # kept as they were
+    assert times == sorted(times) and times[3] > before[3]
+    train_line, eval_line = plot.plot_runs([tmp_path], x="time").axes[0].get_lines()
+    assert list(train_line.get_xdata()) == times
+    assert list(eval_line.get_xdata()) == [times[2], times[5]]
+
+
 def write_metrics(workdir: Path, records: list[dict]) -> Path:
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -54,7 +74,8 @@ def write_metrics(workdir: Path, records: list[dict]) -> Path:
 
 def resumed_run(tmp_path: Path) -> Path:
     """Train lines at steps 10-40 (100 tokens a step), a resume after step 20 restarting the
-    clock, held-out lines at 15 (between two train lines) and 40; a line cut short by a kill."""
+    clock (as files written before `time` ran on across sessions do), held-out lines at 15
+    (between two train lines) and 40; a line cut short by a kill."""
     train_lines = [
         {"step": 10, "loss": 5.0, "tokens": 1000, "time": 2.0},
         {"step": 20, "loss": 4.0, "tokens": 2000, "time": 4.0},
@@ -73,7 +94,7 @@ def resumed_run(tmp_path: Path) -> Path:
     [
         ("step", [10, 20, 30, 40], [15, 40]),
         ("tokens", [1000, 2000, 3000, 4000], [1500, 4000]),
-        ("time", [2.0, 4.0, 5.0, 7.0], [3.0, 7.0]),  # sessions summed; held-out interpolated
+        ("time", [2.0, 4.0, 5.0, 7.0], [3.0, 7.0]),  # older file's sessions summed; held-out interpolated
     ],
 )
 def test_x_axes(tmp_path, x, train_x, eval_x):
@@ -108,3 +129,17 @@ def test_a_folder_without_training_lines_exits_2_in_one_line(tmp_path, capsys, c
     err = capsys.readouterr().err
     assert err.startswith("lmjax: error: ") and err.count("\n") == 1 and "metrics.jsonl" in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_out_in_a_missing_folder_is_created(tmp_path, capsys):
+    out = tmp_path / "plots" / "new" / "x.png"
+    assert plot.main([str(resumed_run(tmp_path)), "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_SIGNATURE)
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_out_under_a_file_exits_2_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert plot.main([str(resumed_run(tmp_path)), "-o", str(tmp_path / "file" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmjax: error: ") and err.count("\n") == 1 and "file" in err
