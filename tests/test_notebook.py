@@ -1,18 +1,18 @@
 """notebooks/quickstart.ipynb runs top to bottom on CPU, in a kernel of this venv, against the
 installed checkout (no install, no network), with a few steps of a tiny model."""
 
+import glob
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 from conftest import TINY_DATA
 from nbclient import NotebookClient
-
-pytestmark = pytest.mark.slow  # a kernel, a training run and a sampler: ~15-30 s on 2 cores
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
@@ -54,6 +54,7 @@ def parameters_for_test(workdir: Path) -> str:
     )
 
 
+@pytest.mark.slow  # a kernel, a training run and a sampler: ~15-30 s on 2 cores
 def test_quickstart_runs_top_to_bottom(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
@@ -83,3 +84,39 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
 
 def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+
+
+@pytest.mark.skipif(
+    bool(glob.glob("/dev/accel*") + glob.glob("/dev/vfio/[0-9]*")), reason="a TPU picks [tpu]"
+)
+@pytest.mark.parametrize(
+    "nvidia_smi, extra, driver",
+    [
+        (None, "", None),
+        ("echo 580.65.06", "[cuda]", "580.65.06"),  # CUDA 13 wheels need a driver 580 or newer
+        ("echo 550.54.15", "[cuda12]", "550.54.15"),
+        ("exit 9", "[cuda12]", "unknown"),  # nvidia-smi failing: CUDA 12, which older drivers run too
+    ],
+)
+def test_install_cell_picks_the_cuda_wheels_the_driver_runs(
+    tmp_path, monkeypatch, capsys, nvidia_smi, extra, driver
+):
+    """The install cell (INSTALL = False) with a stand-in nvidia-smi and jax on the CPU: the extra
+    it would install, and a one-line warning that jax found no GPU where nvidia-smi is."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no real nvidia-smi
+    if nvidia_smi:
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    cell = next(
+        c for c in nbformat.read(NOTEBOOK, as_version=4).cells if "install" in c.metadata.get("tags", [])
+    )
+    namespace = {"INSTALL": False, "REPO": "unused"}
+    exec(cell.source, namespace)
+    assert namespace["accelerator_extra"]() == extra
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    if driver:
+        assert len(warnings) == 1 and f"(driver {driver}) but jax runs on the CPU" in warnings[0]
+    else:
+        assert warnings == []
