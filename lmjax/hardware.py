@@ -5,7 +5,9 @@ the attention kernel choice depends on (backend, CUDA capability). No jax import
 Spellings: `8xH100` (count x card; `H100` alone means one), and TPU slices as Cloud TPU names
 them. TPU v4 and v5p slice names count TensorCores, two per chip, and JAX sees one device per
 chip (megacore): `v5p-64` is 32 devices, `v4-8` is 4. v5e and v6e names count chips: `v5e-8`
-is 8 devices. `cpu` is this host's memory as one device; `Nxcpu` splits it into N.
+(or Cloud's `v5litepod-8`) is 8 devices. `cpu` is this host's memory as one device; `Nxcpu`
+splits it into N. JAX names v5p "TPU v5" and v5e "TPU v5 lite" (`canonical_kind`). Memory is
+what the card exposes to JAX (an H200's 141 GB is 140 GiB, an L4's 24 GB about 22.5 GiB).
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ class Card:
 
 CARDS = {
     "H100": Card("NVIDIA H100 80GB HBM3", 80 * GiB, "gpu", (9, 0)),
-    "H200": Card("NVIDIA H200", 141 * 10**9, "gpu", (9, 0)),
+    "H200": Card("NVIDIA H200", 140 * GiB, "gpu", (9, 0)),  # what the card exposes
     "A100-80GB": Card("NVIDIA A100-SXM4-80GB", 80 * GiB, "gpu", (8, 0)),
     "A100-40GB": Card("NVIDIA A100-SXM4-40GB", 40 * GiB, "gpu", (8, 0)),
-    "L4": Card("NVIDIA L4", 24 * GiB, "gpu", (8, 9)),
+    "L4": Card("NVIDIA L4", int(22.5 * GiB), "gpu", (8, 9)),  # of its 24 GB
     "v4": Card("TPU v4", 32 * GiB, "tpu", cores_per_device=2),
-    "v5p": Card("TPU v5p", 95 * GiB, "tpu", cores_per_device=2),
+    "v5p": Card("TPU v5", 95 * GiB, "tpu", cores_per_device=2),  # JAX calls v5p "TPU v5"
     "v5e": Card("TPU v5 lite", 16 * GiB, "tpu"),
     "v6e": Card("TPU v6 lite", 32 * GiB, "tpu"),
 }
@@ -57,9 +59,9 @@ class Devices:
 def parse(spec: str) -> Devices:
     """`8xH100`, `H200`, `1xA100-80GB`, `v5p-64`, `v5e-8`, `cpu`, `4xcpu` -> Devices."""
     text = spec.strip()
-    tpu = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", text, re.IGNORECASE)
+    tpu = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text, re.IGNORECASE)
     if tpu:
-        name, cores = tpu.group(1).lower(), int(tpu.group(2))
+        name, cores = tpu.group(1).lower().replace("v5litepod", "v5e"), int(tpu.group(2))
         card = CARDS[name]
         if cores % card.cores_per_device or cores == 0:
             raise UserError(
@@ -79,6 +81,13 @@ def parse(spec: str) -> Devices:
         f"--devices {spec!r} is not a device spec; write e.g. 8xH100, H200, 1xA100-80GB, v5p-64, "
         f"v5e-8, v6e-8, v4-8 or cpu (cards: {', '.join(CARDS)})"
     )
+
+
+def canonical_kind(kind: str) -> str:
+    """A device kind as JAX reports it: other spellings of the TPUs mapped to JAX's (v5p is
+    "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite"), anything else unchanged."""
+    aliases = {"tpu v5p": "TPU v5", "tpu v5e": "TPU v5 lite", "tpu v6e": "TPU v6 lite"}
+    return aliases.get(kind.strip().lower(), kind)
 
 
 def _devices(spec: str, name: str, card: Card, count: int) -> Devices:
