@@ -84,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="tiny fp32 configs: the CPU rehearsal")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON record")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every config")
+    parser.add_argument("--first", type=int, default=0, help="only the first N configs (0: all)")
     args = parser.parse_args(argv)
     try:
         runs = [
             (plan.resolve(name, [*sets, *args.set]), [*sets, *args.set]) for name, sets in CPU if args.cpu
         ]
         runs += [(plan.resolve(n, [*s, *args.set]), [*s, *args.set]) for n, s in ACCELERATOR if not args.cpu]
+        runs = runs[: args.first or None]
     except config.UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
