@@ -11,26 +11,13 @@ from pathlib import Path
 import jax
 import nbformat
 import pytest
-from conftest import TINY_DATA
+from conftest import TINY_DATA, TINY_TRAIN_SETS
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
 
-# The session's corpus (its vocabulary and tokenizer sample, so the token cache is reused) and a
-# one-layer model, for seconds rather than minutes.
-TINY_SETS = [
-    f"data.vocab_size={TINY_DATA.vocab_size}",
-    f"data.tokenizer_sample_bytes={TINY_DATA.tokenizer_sample_bytes}",
-    "model.d_model=32",
-    "model.n_heads=4",
-    "model.n_layers=1",
-    "model.seq_len=32",
-    "train.batch_size=8",
-    "train.eval_batches=1",
-    "train.progress=false",
-    "optim.warmup_steps=2",
-    "optim.lr=1e-2",
-]
+# The session's corpus and a one-layer model (conftest), for seconds rather than minutes.
+TINY_SETS = [*TINY_TRAIN_SETS, "optim.warmup_steps=2", "optim.lr=1e-2"]
 STEPS = 12
 
 

@@ -3,31 +3,20 @@ FLOPs against lmjax.flops, and the CLI's answers (exit status, overflow message,
 
 import json
 
-import jax
-import jax.numpy as jnp
 import pytest
 from conftest import tiny_experiment
+from test_benchmarks import _benchmark
 
-from lmjax import config, flops, hardware, optim, plan, sharding, step
+from lmjax import config, flops, hardware, plan
+
+plan_check = _benchmark("plan_check")
 
 
 def xla_peak_bytes(exp: config.Experiment) -> int:
-    """Per-device peak of the compiled train step, as plan.py reads XLA: the state is donated,
-    so arguments + outputs that reuse no argument's buffer + temporaries. Nothing is allocated."""
-    n = exp.mesh.data * exp.mesh.fsdp * exp.mesh.tensor
-    mesh = sharding.make_mesh(exp, jax.devices()[:n])
-    tx = optim.make(exp.optim, exp.train.steps)
-    with sharding.use(mesh, exp.mesh.rules):
-        graphdef, state, shardings = step.abstract_state(exp, tx, mesh)
-        train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        batch_sh = step.batch_sharding(mesh)
-        shape = (exp.train.batch_size, exp.model.seq_len)
-        batch = {
-            name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-            for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))
-        }
-        m = train_step.lower(state, batch).compile().memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    """Per-device peak of the compiled train step, as plan.py reads XLA (benchmarks/plan_check.py:
+    the state is donated, so arguments + outputs that reuse no argument's buffer + temporaries).
+    Nothing is allocated."""
+    return plan_check.check(exp)[1]["xla_peak_bytes"]
 
 
 # fp32 with scanned layers: the CPU backend computes bf16 in fp32 and shows no remat effect on
