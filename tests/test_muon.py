@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import metrics_of, synthetic_batch, tiny_experiment, tiny_train_argv
+from conftest import metrics_of, tiny_experiment, tiny_train_argv
 from flax import nnx
 from optax import contrib
+from test_sharding import two_steps
 
-from lmjax import config, model, optim, sharding, step
+from lmjax import config, model, optim
 from lmjax.train import main
 
 # The model variants whose parameter names differ: biases and LayerNorm (gpt2), SwiGLU (llama),
@@ -191,25 +192,13 @@ def test_tree_map_params_pairs_each_moment_with_its_parameter(flavour):
     assert moments == [True] * (matrices + 2 * others)  # Muon's mu; AdamW's mu and nu
 
 
-def _two_steps(exp, devices=None):
-    mesh = sharding.make_mesh(exp, devices)
-    tx = optim.make(exp.optim, exp.train.steps)
-    batch = synthetic_batch(exp.train.batch_size, exp.model.seq_len, exp.model.vocab_size)
-    with sharding.use(mesh, exp.mesh.rules):
-        graphdef, state, shardings = step.init_state(exp, tx, mesh)
-        train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        for _ in range(2):
-            state, metrics = train_step(state, step.put_batch(batch, step.batch_sharding(mesh)))
-    return jax.device_get(metrics), jax.device_get(state["params"]), state
-
-
 def test_muon_step_on_a_2x2x2_mesh_equals_one_device():
     """The momentum is sharded like its parameter, and the orthogonalisation of fsdp/tensor-
     sharded matrices gives the one-device numbers."""
     exp = tiny_experiment("llama", "optim.name=muon", "optim.muon_lr=0.02")
-    one_metrics, one_params, _ = _two_steps(exp, jax.devices()[:1])
+    one_metrics, one_params, _ = two_steps(exp, jax.devices()[:1])
     mesh = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    metrics, params, state = _two_steps(
+    metrics, params, state = two_steps(
         tiny_experiment("llama", "optim.name=muon", "optim.muon_lr=0.02", *mesh)
     )
     np.testing.assert_allclose(metrics["loss"], one_metrics["loss"], rtol=2e-5)

@@ -13,8 +13,8 @@ from lmjax import optim, sharding, step
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
-def _one_step(exp, devices=None):
-    """(loss, grad_norm, params after one step, state) on a mesh over `devices`."""
+def two_steps(exp, devices=None):
+    """(metrics of the second step, params after two steps, state) on a mesh over `devices`."""
     mesh = sharding.make_mesh(exp, devices)
     tx = optim.make(exp.optim, exp.train.steps)
     batch = synthetic_batch(exp.train.batch_size, exp.model.seq_len, exp.model.vocab_size)
@@ -44,33 +44,33 @@ def _assert_same(a, b, rtol=2e-5, atol=1e-5):
 @pytest.fixture(scope="module")
 def single_device_llama():
     exp = tiny_experiment("llama")
-    metrics, params, _ = _one_step(exp, jax.devices()[:1])
+    metrics, params, _ = two_steps(exp, jax.devices()[:1])
     return metrics, params
 
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_meshes_equal_one_device(single_device_llama, shape):
     exp = _mesh(tiny_experiment("llama"), shape)
-    metrics, params, _ = _one_step(exp)
+    metrics, params, _ = two_steps(exp)
     _assert_same((metrics, params), single_device_llama)
 
 
 def test_pallas_attention_on_2x2x2_equals_xla_on_one_device(single_device_llama):
     """The Pallas kernel (interpret mode here) runs per shard inside the sharded train step."""
     exp = _mesh(tiny_experiment("llama", "model.attention=pallas"), (2, 2, 2))
-    metrics, params, _ = _one_step(exp)
+    metrics, params, _ = two_steps(exp)
     _assert_same((metrics, params), single_device_llama)
 
 
 def test_gpt2_on_2x2x2_equals_one_device():
     exp = tiny_experiment("gpt2")
-    one = _one_step(exp, jax.devices()[:1])[:2]
-    _assert_same(_one_step(_mesh(exp, (2, 2, 2)))[:2], one)
+    one = two_steps(exp, jax.devices()[:1])[:2]
+    _assert_same(two_steps(_mesh(exp, (2, 2, 2)))[:2], one)
 
 
 def test_layout_follows_rules():
     exp = _mesh(tiny_experiment("llama"), (2, 2, 2))
-    _, _, state = _one_step(exp)
+    _, _, state = two_steps(exp)
     params = state["params"]
     w_q = params["layers"]["w_q"][...]  # [L, D, H, E] as ("layers", "embed", "heads", "head_dim")
     assert w_q.sharding.spec == P(None, "fsdp", "tensor", None)
@@ -92,15 +92,15 @@ def test_custom_rules_change_layout():
         '["positions",null]]'
     )
     exp = tiny_experiment("llama", "mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", f"mesh.rules={rules}")
-    _, _, state = _one_step(exp)
+    _, _, state = two_steps(exp)
     assert state["params"]["layers"]["w_up"][...].sharding.spec == P(None, None, "fsdp")
     assert state["params"]["layers"]["w_q"][...].sharding.spec == P(None, None, None, None)
 
 
 def test_accumulation_equals_whole_batch():
     exp = _mesh(tiny_experiment("gpt2", "train.batch_size=32"), (8, 1, 1))
-    whole = _one_step(exp)[:2]
-    accumulated = _one_step(
+    whole = two_steps(exp)[:2]
+    accumulated = two_steps(
         _mesh(tiny_experiment("gpt2", "train.batch_size=32", "train.microbatches=4"), (8, 1, 1))
     )[:2]
     _assert_same(accumulated, whole)
