@@ -43,7 +43,12 @@ class StopRequests:
         writer.setblocking(False)
         self._wakeup = (reader, writer)
         self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        # The watcher blocks the signals (a thread inherits the mask it is started with): the
+        # kernel gives a signal to a thread that does not block it, and only the main thread's
+        # handler acts at once, interrupting a sleep or a wait.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         threading.Thread(target=self._watch, args=(reader,), name="lmjax-stop-signals", daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         return self
 
     def __exit__(self, *exc: object) -> None:

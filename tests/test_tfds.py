@@ -41,12 +41,10 @@ class LmjaxTestLines(tfds.core.GeneratorBasedBuilder):
 
 
 @pytest.fixture(scope="module")
-def stdlib_dir(tmp_path_factory) -> tuple[Path, list[tuple[str, str]], float]:
-    """lmjax_stdlib prepared by name into an empty data dir: (data dir, documents, seconds)."""
+def stdlib_dir(tmp_path_factory) -> tuple[Path, list[tuple[str, str]]]:
+    """lmjax_stdlib prepared by name into an empty data dir: (data dir, documents)."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    start = time.perf_counter()
-    docs = list(tfds_source.documents("lmjax_stdlib", str(data_dir), "text", 2.0))
-    return data_dir, docs, time.perf_counter() - start
+    return data_dir, list(tfds_source.documents("lmjax_stdlib", str(data_dir), "text", 2.0))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def lines_dir(tmp_path_factory) -> Path:
 
 
 def test_stdlib_by_name_is_the_standard_library(stdlib_dir):
-    data_dir, docs, seconds = stdlib_dir
+    data_dir, docs = stdlib_dir
     root, files = stdlib_files()
     expected = {"train": [], "validation": []}
     for p in files:
@@ -71,14 +69,14 @@ def test_stdlib_by_name_is_the_standard_library(stdlib_dir):
     assert sorted(got["validation"]) == sorted(expected["validation"])
     assert (root / "os.py").read_text(errors="replace") in got["train"] + got["validation"]
     assert 0.005 < len(got["validation"]) / len(files) < 0.04, len(got["validation"])
-    # Prepared once: the second read only reads, and gives the same order.
-    start = time.perf_counter()
+    # Prepared once: the second read only reads (no file written or replaced), same order.
+    prepared = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
     assert list(tfds_source.documents("lmjax_stdlib", str(data_dir), "text", 2.0)) == docs
-    assert time.perf_counter() - start < seconds + 1
+    assert {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()} == prepared
 
 
 def test_prepared_folder_through_path(stdlib_dir):
-    data_dir, docs, _ = stdlib_dir
+    data_dir, docs = stdlib_dir
     (version_dir,) = data_dir.glob("lmjax_stdlib/*/1.0.0")
     assert (version_dir / "dataset_info.json").is_file()
     # builder_from_directory: no name needed, no builder code involved.
@@ -143,7 +141,7 @@ def test_registry_dataset_online_without_tensorflow(tmp_path, monkeypatch):
 
 
 def test_fingerprint_stable_and_distinct(stdlib_dir, lines_dir):
-    data_dir, _, _ = stdlib_dir
+    data_dir, _ = stdlib_dir
     a = tfds_source.fingerprint("lmjax_stdlib", str(data_dir), "text")
     assert a == tfds_source.fingerprint("lmjax_stdlib", str(data_dir), "text")
     assert len(a) == 16 and int(a, 16) >= 0
