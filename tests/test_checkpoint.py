@@ -225,6 +225,9 @@ def test_a_second_signal_stops_at_once(second, status, stdout):
     script = (
         "import os, signal, time\n"
         "from lmjax.stop_signals import StopRequests\n"
+        # Python's own handler, whatever this process inherited: a background job starts with
+        # SIGINT ignored, and StopRequests puts back what it found.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "try:\n"
         "    with StopRequests() as stop:\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
