@@ -1,7 +1,7 @@
 """The improved recipe at GPT-2 small's size: the candidate of the GPU recipe pair.
 
 What for: the same model, data, batch and token budget as `recipe_gpt2_gpu`, with the options
-of `recipe_improved_cpu` (Muon for the hidden matrices, QK-norm, ReLU², zero-init projections,
+of `recipe_improved_cpu` (Muon for the hidden matrices, QK-norm, zero-init projections,
 logit soft-cap, z-loss, warmup-stable-decay).
 How long: as the baseline, plus Muon's Newton–Schulz iterations (5 per matrix per step).
 Expect: not yet measured; on the CPU pair the same options reached the GPT-2 recipe's final
