@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_experiment
 from test_benchmarks import _benchmark
 
-from lmjax import config, flops, hardware, plan
+from lmjax import config, flops, hardware, plan, plan_memory
 
 plan_check = _benchmark("plan_check")
 
@@ -106,7 +106,7 @@ def test_residuals_split_by_their_logical_axes():
     """The residual stream (act_embed) is not split over tensor, the MLP's (act_mlp) is, even
     where the layer count equals the head count (a stacked [L, B, T, D] residual)."""
     exp = tiny_experiment("gpt2", "model.scan_layers=true", "model.n_heads=4", "model.n_layers=4")
-    axes = {r.at2: r.axes for r in plan._residuals(exp.model)}
+    axes = {r.at2: r.axes for r in plan_memory._residuals(exp.model)}
     L, T, D, F = 4, exp.model.seq_len, exp.model.d_model, exp.model.ff_dim
     assert axes[(L, 2, T, D)] == (None, None, None, "act_embed")
     assert axes[(L, 2, T, F)] == (None, None, None, "act_mlp")
