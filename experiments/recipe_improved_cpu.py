@@ -5,7 +5,7 @@ what public speedruns (modded-nanogpt) found learns more per token: Muon for the
 matrices (AdamW for embeddings, norms and biases), QK-norm, zero-initialised output
 projections, a logit soft-cap, a small z-loss and a warmup-stable-decay schedule. ReLU² was
 measured here too and left out: at this size it cost 0.04 nats of held-out loss against GELU
-(`--set model.mlp=relu2`; benchmarks/results/recipe-cpu-relu2-cpu1.json).
+(`--set model.mlp=relu2`; benchmarks/results/recipe-custom-cpu1-relu2.json).
 How long: about 5 minutes on a 2-core CPU, as the baseline.
 Expect: held-out ~2.74 nats/token, ~1.39 bits/byte at the end, against the GPT-2 recipe's 3.15
 and 1.60; it reaches the baseline's final loss with about a third fewer tokens
