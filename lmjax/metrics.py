@@ -108,23 +108,27 @@ class TensorBoard:
 
 
 def _discard_after(path: Path, step: int, discarded: Path) -> list[dict[str, Any]]:
-    """Moves the lines of steps after `step` to `discarded`; returns the lines kept."""
+    """Moves the lines of steps after `step` to `discarded`; returns the records kept."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines(keepends=True)
-    later = [line for line in lines if _step_of(line) > step]
-    if later:
+    records = [_record_of(line) for line in lines]  # each line parsed once
+    keep = [r is not None and r["step"] <= step for r in records]
+    if not all(keep):
         with discarded.open("a") as f:
-            f.writelines(later)
-        write_atomic(path, "".join(line for line in lines if _step_of(line) <= step).encode())
-    return [json.loads(line) for line in lines if _step_of(line) <= step]
+            f.writelines(line for line, k in zip(lines, keep, strict=True) if not k)
+        write_atomic(path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
+    return [r for r, k in zip(records, keep, strict=True) if k]
 
 
-def _step_of(line: str) -> float:
+def _record_of(line: str) -> dict[str, Any] | None:
+    """A line's record, or None for a line cut short by a kill (it counts as a later step)."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-        return float("inf")
+        record = json.loads(line)
+        float(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record
 
 
 class Throughput:
