@@ -30,9 +30,9 @@ from typing import Any
 
 from lmjax import config, flops, hardware
 from lmjax.config import UserError
+from lmjax.hardware import GiB
 from lmjax.plan_memory import memory_per_device
 
-GiB = 2**30
 USABLE = 0.9  # of a TPU's or the host's memory: what the runtime and XLA's fragmentation leave
 GPU_POOL = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: the pool it preallocates on a GPU
 GPU_POOL_HINT = 0.92  # the fraction the hint suggests when a plan needs more than the default pool
@@ -101,7 +101,7 @@ def resolve(name_or_path: str, overrides: list[str]) -> config.Experiment:
     exp = config.apply_overrides(config.load_experiment(name_or_path), overrides)
     config.validate(exp)
     if exp.model.vocab_size == 0:
-        exp = _replace(exp, "model", vocab_size=exp.data.vocab_size)
+        exp = config.apply_overrides(exp, [f"model.vocab_size={exp.data.vocab_size}"])
     return exp
 
 
@@ -371,10 +371,6 @@ def _gib(n: float) -> str:
 
 def _duration(hours: float) -> str:
     return str(datetime.timedelta(seconds=round(hours * 3600)))
-
-
-def _replace(exp: config.Experiment, section: str, **fields: Any) -> config.Experiment:
-    return dataclasses.replace(exp, **{section: dataclasses.replace(getattr(exp, section), **fields)})
 
 
 if __name__ == "__main__":

@@ -241,9 +241,9 @@ def _loss_working_set(cfg: config.Model, rows: int, rules: dict, sizes: dict[str
     fp32, and their exponent) beside it."""
     import jax.numpy as jnp
 
-    vocab = cfg.padded_vocab / _axes_size(rules["act_vocab"], sizes)
     if not cfg.loss_chunk:  # the gradient takes the buffer of the logits' exponent, a residual
         return 0.0
+    vocab = cfg.padded_vocab / _axes_size(rules["act_vocab"], sizes)
     per_logit = 3 * 4 + (jnp.dtype(cfg.dtype).itemsize if jnp.dtype(cfg.dtype) != jnp.float32 else 0)
     return rows * cfg.loss_chunk * vocab * per_logit
 
