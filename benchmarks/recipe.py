@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             config.validate(exp)
         _require_comparable(*experiments)
     except config.UserError as e:
-        print(f"recipe: error: {e}", file=sys.stderr)
+        print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
     ablations = leave_one_out(*experiments) if args.ablate else {}
 
@@ -226,12 +226,9 @@ def _device_tag() -> str:
 
 
 def _plot(workdirs: list[Path], out: Path) -> None:
-    try:
-        from lmjax import plot
-    except ImportError:  # lmjax.plot needs matplotlib
-        print("recipe: matplotlib missing, no PNG", file=sys.stderr)
-        return
-    plot.main([*map(str, workdirs), "--x", "tokens", "-o", str(out)])
+    from lmjax import plot
+
+    plot.plot_runs(workdirs, x="tokens", out=out)
 
 
 if __name__ == "__main__":
