@@ -103,14 +103,18 @@ def _state_bytes(exp: config.Experiment, sizes: dict[str, int]) -> tuple[float, 
         nbytes(p) * f
         for p, f in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(fractions), strict=True)
     )
-    # Optimizer leaves shaped like a parameter are sharded like it (AdamW's moments, Muon's
-    # momentum); the rest (step counts, masked-out slots) are small and replicated.
-    by_shape = {
-        p.shape: f for p, f in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(fractions), strict=True)
-    }
+    # Each optimizer leaf that belongs to a parameter (AdamW's moments, Muon's momentum) is
+    # sharded like it, paired as step.state_shardings pairs them; the rest (step counts) are
+    # small and replicated.
     tx = optim.make(exp.optim, exp.train.steps)
     opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt_bytes = sum(nbytes(leaf) * by_shape.get(leaf.shape, 1.0) for leaf in jax.tree.leaves(opt_state))
+    opt_fractions = optim.tree_map_params(
+        tx, lambda _, f: f, opt_state, fractions, transform_non_params=lambda _: 1.0
+    )
+    opt_bytes = sum(
+        nbytes(leaf) * f
+        for leaf, f in zip(jax.tree.leaves(opt_state), jax.tree.leaves(opt_fractions), strict=True)
+    )
     return float(param_bytes), float(opt_bytes)
 
 

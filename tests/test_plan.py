@@ -102,6 +102,15 @@ def test_state_is_sharded_and_optimizer_from_optax():
     assert micro["activations"] < one["activations"]
 
 
+def test_each_moment_is_sharded_like_its_own_parameter():
+    """Positions [T, D] and the embedding [V, D] have one shape when T = V, but only the
+    embedding is split over tensor: AdamW's moments follow their own parameter, not its shape."""
+    exp = tiny_experiment("gpt2", "model.vocab_size=256", "model.seq_len=256", "mesh.tensor=2")
+    sizes = {"data": 1, "fsdp": 1, "tensor": 2}
+    params, optimizer = plan_memory._state_bytes(exp, sizes)
+    assert params > 0 and optimizer == pytest.approx(2 * params, abs=64)  # + the step counts
+
+
 def test_residuals_split_by_their_logical_axes():
     """The residual stream (act_embed) is not split over tensor, the MLP's (act_mlp) is, even
     where the layer count equals the head count (a stacked [L, B, T, D] residual)."""
