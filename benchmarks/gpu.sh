@@ -12,8 +12,13 @@
 #                    unless jax sees the GPU (CPU with --cpu)
 #   attention-check  `python -m lmjax.attention_check`: every attention kernel this machine runs
 #                    against the fp32 reference, forward and gradient (attention_check.json)
-#   gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed
-#                    benchmarks/throughput.py records (each measures the matmul ceiling too)
+#   gpt2_124m, llama_1b, gpt2_774m
+#                    benchmarks/throughput.py records (each measures the matmul ceiling too);
+#                    gpt2_124m also traces a few steps: its record's "profile" says which kernels
+#                    the step's time goes to (trace-gpt2_124m/ keeps the trace)
+#   variants         benchmarks/step_variants.py: gpt2_124m's step with one change at a time
+#                    (XLA gemm options, batch size per card) against the same ceiling
+#   gpt2_124m-packed the same as gpt2_124m on packed documents
 #   generate         benchmarks/generate_speed.py: gpt2_124m prefill and greedy decode, batch 1 and 8
 #   plan-check       benchmarks/plan_check.py: `lmjax.plan`'s memory estimate against XLA's memory
 #                    analysis of the compiled bf16 step (gpt2_124m, llama_1b; a couple of remat policies)
@@ -95,8 +100,10 @@ if ((CPU)); then
   GPT2_124M=("${TINY[@]}")
   GPT2_774M=("${TINY[@]}")
   LLAMA_1B=("${TINY[@]}" --set model.n_kv_heads=2)
-  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, gpt2_124m-packed, generate, plan-check
-  LIMIT=(90 60 60 60 60 60 150)
+  # seconds: attention-check, gpt2_124m, llama_1b, gpt2_774m, variants, gpt2_124m-packed, generate,
+  # plan-check
+  LIMIT=(90 60 60 60 90 60 60 150)
+  VARIANTS=(--variant base= --variant batch16=train.batch_size=16)
   GENERATE=(--prompt-len 32 --new-tokens 8 --repeats 1)
 else
   BACKEND=gpu
@@ -105,10 +112,12 @@ else
   GPT2_774M=(--set train.batch_size=8 --set model.seq_len=1024)
   LLAMA_1B=()
   # Cold compiles on an H100 (the cache dir is usually fresh on a rented box).
-  LIMIT=(60 75 110 120 75 60 150)
+  LIMIT=(60 90 110 120 150 75 60 150)
+  VARIANTS=(--variant base= --variant no_triton_gemm=xla:xla_gpu_enable_triton_gemm=false
+    --variant cublaslt=xla:xla_gpu_enable_cublaslt=true --variant batch32=train.batch_size=32)
   GENERATE=(--prompt-len 128 --new-tokens 64)
 fi
-STAGES=(attention-check gpt2_124m llama_1b gpt2_774m gpt2_124m-packed generate plan-check)
+STAGES=(attention-check gpt2_124m llama_1b gpt2_774m variants gpt2_124m-packed generate plan-check)
 
 {
   echo "date: $(date -u +%FT%TZ)  python: $PYTHON  cpu-rehearsal: $CPU  budget: ${BUDGET}s"
@@ -125,18 +134,20 @@ fi
 cat "$OUT/env.log"
 
 stage attention-check "${LIMIT[0]}" "$PYTHON" -m lmjax.attention_check --out "$OUT/attention_check.json"
-stage gpt2_124m "${LIMIT[1]}" "${TP[@]}" --experiment gpt2_124m "${COMMON[@]}" "${GPT2_124M[@]}"
+stage gpt2_124m "${LIMIT[1]}" "${TP[@]}" --experiment gpt2_124m --profile 3 "${COMMON[@]}" "${GPT2_124M[@]}"
 stage llama_1b "${LIMIT[2]}" "${TP[@]}" --experiment llama_1b "${COMMON[@]}" ${LLAMA_1B[@]+"${LLAMA_1B[@]}"}
 stage gpt2_774m "${LIMIT[3]}" "${TP[@]}" --experiment gpt2_774m "${COMMON[@]}" "${GPT2_774M[@]}"
-stage gpt2_124m-packed "${LIMIT[4]}" "${TP[@]}" --experiment gpt2_124m --packed "${COMMON[@]}" \
+stage variants "${LIMIT[4]}" "$PYTHON" benchmarks/step_variants.py --experiment gpt2_124m --out "$OUT" \
+  "${COMMON[@]}" "${GPT2_124M[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "${VARIANTS[@]}"
+stage gpt2_124m-packed "${LIMIT[5]}" "${TP[@]}" --experiment gpt2_124m --packed "${COMMON[@]}" \
   "${GPT2_124M[@]}"
 GPT2_124M_MODEL=() # the generation benchmark takes the model settings, not the batch
 if ((CPU)); then GPT2_124M_MODEL=("${TINY[@]}"); fi
-stage generate "${LIMIT[5]}" "$PYTHON" benchmarks/generate_speed.py --experiment gpt2_124m --batch 1,8 \
+stage generate "${LIMIT[6]}" "$PYTHON" benchmarks/generate_speed.py --experiment gpt2_124m --batch 1,8 \
   --out "$OUT" "${GENERATE[@]}" ${GPT2_124M_MODEL[@]+"${GPT2_124M_MODEL[@]}"}
 PLAN_CHECK=() # compile-only: the planner's memory estimate against XLA's (tiny fp32 models on CPU)
 if ((CPU)); then PLAN_CHECK=(--cpu --first 3); fi # the rehearsal: a few; the rest is CPU-only anyway
-stage plan-check "${LIMIT[6]}" "$PYTHON" benchmarks/plan_check.py --out "$OUT" ${PLAN_CHECK[@]+"${PLAN_CHECK[@]}"}
+stage plan-check "${LIMIT[7]}" "$PYTHON" benchmarks/plan_check.py --out "$OUT" ${PLAN_CHECK[@]+"${PLAN_CHECK[@]}"}
 
 echo "done in $((SECONDS - START))s; results in $OUT"
 if grep -q '"ok": false' "$OUT/stages.jsonl"; then

@@ -52,6 +52,7 @@ HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 import measure  # noqa: E402
+import profile_trace  # noqa: E402
 from random_batches import max_segments, random_batch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,12 +75,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceiling-dtype", default="", help="default: the model's compute dtype")
     parser.add_argument("--ceiling-only", action="store_true", help="measure only the matmul ceiling")
     parser.add_argument("--env", metavar="BACKEND", help="print versions and devices; exit 1 unless BACKEND")
+    parser.add_argument(
+        "--xla", action="append", default=[], metavar="OPTION=VALUE", help="an XLA compile option; repeatable"
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="trace N more steps: time per kernel"
+    )
     args = parser.parse_args(argv)
     if not (args.ceiling_only or args.env) and not args.experiment:
         parser.error("--experiment is required (or pass --ceiling-only or --env)")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
+        parser.error("--steps must be >= 1, --warmup and --profile >= 0")
+    try:
+        args.compiler_options = compiler_options(args.xla)
+    except ValueError as e:
+        parser.error(str(e))
     return args
+
+
+def compiler_options(items: list[str]) -> dict[str, bool | int | float | str]:
+    """`["xla_gpu_enable_triton_gemm=false", ...]` -> XLA compile options with typed values
+    (what `Lowered.compile` takes; they apply to this step only, unlike `XLA_FLAGS`)."""
+    options: dict[str, bool | int | float | str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise ValueError(f"--xla {item!r}: use xla_<option>=<value>")
+        value: bool | int | float | str = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        options[name] = value
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,8 +195,30 @@ def run(
     vocab_source: str | None,
     on_partial: Callable[[dict[str, Any]], None] = lambda record: None,
 ) -> dict[str, Any]:
-    """The full record; `on_partial` gets the record so far (`"complete": false`) once the
-    step has compiled, and again with the error if running it fails."""
+    """The full record: the step's (`run_step`) and the matmul ceiling; `on_partial` gets the
+    record so far (`"complete": false`) once the step has compiled, and again with the error
+    if running it fails."""
+    import jax
+
+    record = run_step(args, exp, vocab_source, on_partial)
+    size = args.ceiling_size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
+    dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
+    ceiling = measure.matmul_ceiling(size, dtype)
+    record |= {"ceiling_tflops": ceiling, "ceiling_size": size, "ceiling_dtype": dtype}
+    if exp is not None:
+        model_flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
+        record["mfu_vs_measured"] = model_flops_per_s / (ceiling * 1e12 * jax.device_count())
+    record["complete"] = True
+    return record
+
+
+def run_step(
+    args: argparse.Namespace,
+    exp: config.Experiment | None,
+    vocab_source: str | None,
+    on_partial: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Any]:
+    """The machine's description and, with an experiment, its step measured (no ceiling)."""
     import jax
     import numpy as np
 
@@ -191,33 +246,37 @@ def run(
             else "no persistent cache: compile_s is a full compile",
         },
     }
-    if exp is not None:
-        config.mesh_shape(exp, jax.device_count())
-        t = exp.train
-        rng = np.random.default_rng(t.seed)
-        host_batches = [
-            random_batch(rng, t.batch_size, exp.model.seq_len, exp.model.vocab_size, args.packed)
-            for _ in range(min(4, args.warmup + args.steps))
-        ]
-        if args.packed:
-            in_data = max_segments(host_batches)
-            if not exp.model.max_segments:  # size the packed kernel to the data (unless --set)
-                exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=in_data))
-                config.validate(exp)
-            record |= {"max_segments": exp.model.max_segments, "max_segments_in_data": in_data}
-        record |= {"config": config.to_dict(exp), "overrides": args.set, "vocab_source": vocab_source}
-        record |= measure_step(
-            exp, host_batches, args.steps, args.warmup, lambda part: on_partial(record | part)
-        )
-    size = args.ceiling_size or (1024 if device.platform == "cpu" else 8192)
-    dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
-    ceiling = measure.matmul_ceiling(size, dtype)
-    record |= {"ceiling_tflops": ceiling, "ceiling_size": size, "ceiling_dtype": dtype}
-    if exp is not None:
-        model_flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
-        record["mfu_vs_measured"] = model_flops_per_s / (ceiling * 1e12 * jax.device_count())
-    record["complete"] = True
-    return record
+    if exp is None:
+        return record
+    config.mesh_shape(exp, jax.device_count())
+    t = exp.train
+    rng = np.random.default_rng(t.seed)
+    host_batches = [
+        random_batch(rng, t.batch_size, exp.model.seq_len, exp.model.vocab_size, args.packed)
+        for _ in range(min(4, args.warmup + args.steps))
+    ]
+    if args.packed:
+        in_data = max_segments(host_batches)
+        if not exp.model.max_segments:  # size the packed kernel to the data (unless --set)
+            exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, max_segments=in_data))
+            config.validate(exp)
+        record |= {"max_segments": exp.model.max_segments, "max_segments_in_data": in_data}
+    record |= {
+        "config": config.to_dict(exp),
+        "overrides": args.set,
+        "compiler_options": args.compiler_options,
+        "vocab_source": vocab_source,
+    }
+    profile_dir = Path(args.out) / f"trace-{exp.name}" if args.profile else None
+    return record | measure_step(
+        exp,
+        host_batches,
+        args.steps,
+        args.warmup,
+        lambda part: on_partial(record | part),
+        args.compiler_options,
+        (args.profile, profile_dir),
+    )
 
 
 def measure_step(
@@ -226,10 +285,14 @@ def measure_step(
     steps: int,
     warmup: int,
     on_compiled: Callable[[dict[str, Any]], None] = lambda part: None,
+    compiler_options: dict[str, Any] | None = None,
+    profile: tuple[int, Path | None] = (0, None),
 ) -> dict[str, Any]:
-    """Compile the train step as `lmjax.train` does and time it on `host_batches` (placed on
-    the devices first, used in turn). `on_compiled` gets the compile-time part of the result
-    before any step runs, and that part with an `"error"` if running fails."""
+    """Compile the train step as `lmjax.train` does (with XLA `compiler_options`, if any) and
+    time it on `host_batches` (placed on the devices first, used in turn). `on_compiled` gets
+    the compile-time part of the result before any step runs, and that part with an `"error"`
+    if running fails. `profile` = (N, folder): then N more steps are traced into the folder and
+    the record gains `profile_trace.capture`'s summary."""
     import jax
 
     from lmjax import flops, optim, sharding, step
@@ -249,7 +312,7 @@ def measure_step(
         lowered = train_step.lower(state, batches[0])
         lower_s = time.perf_counter() - start
         with measure.cache_hits() as hits:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options or None)
         compile_s = time.perf_counter() - start
         part = {
             "batch": "packed" if packed else "plain",
@@ -279,6 +342,18 @@ def measure_step(
                 state, metrics = compiled(state, batches[(warmup + i) % len(batches)])
             jax.block_until_ready((state, metrics))
             elapsed = time.perf_counter() - start
+            profile_steps, profile_dir = profile
+            if profile_steps:
+
+                def run_traced() -> None:
+                    nonlocal state, metrics
+                    for i in range(profile_steps):
+                        state, metrics = compiled(state, batches[i % len(batches)])
+                    jax.block_until_ready((state, metrics))
+
+                part["profile"] = profile_trace.capture(
+                    run_traced, profile_steps, profile_dir, 1000 * elapsed / steps
+                )
         except Exception as e:  # e.g. out of memory: keep the compile-time record, with the error
             on_compiled(
                 part

@@ -22,7 +22,7 @@ TINY = [
 ]
 RUNS = ("gpt2_124m-cpu1", "gpt2_124m-cpu1-packed", "gpt2_774m-cpu1", "llama_1b-cpu1")
 STAGES = [
-    *("env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "gpt2_124m-packed"),
+    *("env", "attention-check", "gpt2_124m", "llama_1b", "gpt2_774m", "variants", "gpt2_124m-packed"),
     *("generate", "plan-check"),
 ]
 DATA_MODULES = {"grain", "array_record", "tensorflow", "tensorflow_datasets", "sentencepiece", "pyarrow"}
@@ -109,6 +109,41 @@ def test_packed_run_measures_the_same_model(rehearsal):
     )
     packed["config"]["model"]["max_segments"] = 0
     assert plain["config"] == packed["config"]
+
+
+def test_profile_says_where_the_step_time_goes(rehearsal):
+    p = json.loads((rehearsal / "throughput-gpt2_124m-cpu1.json").read_text())["profile"]
+    assert p["steps"] == 3 and p["kernels_per_step"] > 10 and p["busy_ms_per_step"] > 0
+    assert sum(p["by_kind_ms"].values()) == pytest.approx(p["busy_ms_per_step"], rel=1e-3)
+    top = p["top_kernels"]
+    assert top and all(a["ms_per_step"] >= b["ms_per_step"] for a, b in zip(top, top[1:], strict=False))
+    assert Path(p["trace"]).is_file()
+
+
+def test_variants_share_one_ceiling(rehearsal):
+    r = json.loads((rehearsal / "variants-gpt2_124m-cpu1.json").read_text())
+    base, batch16 = r["variants"]["base"], r["variants"]["batch16"]
+    assert base["overrides"] == [] and batch16["overrides"] == ["train.batch_size=16"]
+    assert batch16["record"]["tokens_per_step"] == 2 * base["record"]["tokens_per_step"]
+    for v in (base, batch16):
+        flops_per_s = v["tokens_per_s"] * v["record"]["flops_per_token"]
+        assert v["mfu_vs_measured"] == pytest.approx(flops_per_s / (r["ceiling_tflops"] * 1e12), rel=1e-9)
+
+
+def test_variant_and_compile_option_parsing():
+    variants = _benchmark("step_variants")
+    assert variants.parse_variant("base=") == ("base", [], [])
+    assert variants.parse_variant("v=model.remat=dots,xla:xla_a=false") == (
+        "v",
+        ["model.remat=dots"],
+        ["xla_a=false"],
+    )
+    with pytest.raises(config.UserError):
+        variants.parse_variant("no-equals-sign")
+    options = throughput.compiler_options(["xla_a=false", "xla_b=3", "xla_c=0.5", "xla_d=text"])
+    assert options == {"xla_a": False, "xla_b": 3, "xla_c": 0.5, "xla_d": "text"}
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--experiment", "gpt2_124m", "--xla", "not_an_option"])
 
 
 def test_env_stage_stops_a_run_without_the_gpu(tmp_path):
