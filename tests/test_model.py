@@ -172,6 +172,52 @@ def test_loss_sums_by_hand():
     np.testing.assert_allclose(float(loss_sum), float(count) * np.log(256), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_entropy_gradient_is_autodiffs(dtype):
+    """The hand-written backward of `cross_entropy_sums` (softmax - onehot, one pass) equals
+    autodiff of the plain expression, for the CE and the logsumexp^2 terms with their own
+    weights, a mask, and -inf-like padded logits."""
+    B, T, V = 3, 5, 37
+    key_l, key_t, key_m = jax.random.split(jax.random.key(0), 3)
+    logits = 4 * jax.random.normal(key_l, (B, T, V))
+    logits = logits.at[..., -3:].set(jnp.finfo(jnp.dtype(dtype)).min).astype(dtype)  # padded ids
+    targets = jax.random.randint(key_t, (B, T), 0, V - 3)
+    mask = (jax.random.uniform(key_m, (B, T)) > 0.3).astype(jnp.float32)
+
+    def plain(x):
+        x = x.astype(jnp.float32)
+        lse = jax.nn.logsumexp(x, axis=-1)
+        target = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+        return ((lse - target) * mask).sum(), (jnp.square(lse) * mask).sum()
+
+    def weighted(f):
+        return lambda x: (lambda ce, z: 0.7 * ce + 0.01 * z)(*f(x, targets, mask) if f is not plain else f(x))
+
+    got_sums, want_sums = model.cross_entropy_sums(logits, targets, mask), plain(logits)
+    np.testing.assert_allclose(np.array(got_sums), np.array(want_sums), rtol=1e-6)
+    got = jax.grad(weighted(model.cross_entropy_sums))(logits)
+    want = jax.grad(weighted(plain))(logits)
+    assert got.dtype == logits.dtype
+    tol = 1e-6 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(np.array(got, np.float32), np.array(want, np.float32), atol=tol, rtol=tol)
+    assert float(jnp.abs(got.astype(jnp.float32)[mask == 0]).max()) == 0.0  # masked rows: no gradient
+
+
+def test_unrolled_layers_gradient_equals_scanned():
+    """Unstacked (unrolled) and scanned layers: the same loss and parameter gradients."""
+    m = _model("llama")
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(2, 32, 256).items()}
+    graphdef, params = nnx.split(m)
+
+    def grads(scan):
+        g = nnx.merge(graphdef, params)
+        g.cfg = dataclasses.replace(g.cfg, scan_layers=scan)
+        return jax.grad(lambda p: model.loss_sums(nnx.merge(nnx.graphdef(g), p), batch)[0])(params)
+
+    for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=2e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_bf16_compute_tracks_fp32(flavour):
     """The default GPU setting (bf16 compute over fp32 weights) runs and stays close to fp32."""
