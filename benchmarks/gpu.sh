@@ -30,6 +30,7 @@
 # memory or time still leaves that. A stage that fails or times out is recorded and the next one
 # runs. Each stage has its own time limit, and all of them together at most
 # ${LMJAX_BENCH_BUDGET_S:-420} seconds (a stage is cut short, or skipped, to stay within it).
+# LMJAX_BENCH_SKIP="variants plan-check" skips the stages it names (a rerun of the others).
 set -u
 START=$SECONDS
 
@@ -60,9 +61,9 @@ BUDGET=${LMJAX_BENCH_BUDGET_S:-420}
 KILL_AFTER=5 # seconds between timeout's TERM and KILL
 : >"$OUT/stages.jsonl"
 
-# skip NAME WHY: record a stage that did not run.
+# skip NAME WHY [OK]: record a stage that did not run (OK=null: as asked, not a failure).
 skip() {
-  echo "{\"stage\": \"$1\", \"rc\": null, \"ok\": false, \"skipped\": \"$2\"}" >>"$OUT/stages.jsonl"
+  echo "{\"stage\": \"$1\", \"rc\": null, \"ok\": ${3:-false}, \"skipped\": \"$2\"}" >>"$OUT/stages.jsonl"
   echo "[$1] skipped: $2"
 }
 
@@ -71,6 +72,10 @@ skip() {
 stage() {
   local name=$1 limit=$2 left rc ok t0
   shift 2
+  if [[ " ${LMJAX_BENCH_SKIP:-} " == *" $name "* ]]; then
+    skip "$name" "named in LMJAX_BENCH_SKIP" null
+    return 0
+  fi
   left=$((BUDGET - (SECONDS - START) - KILL_AFTER))
   if ((left < 10)); then
     skip "$name" "the ${BUDGET}s budget is spent"

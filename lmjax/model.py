@@ -392,11 +392,22 @@ def _mlp(cfg: config.Model, h_BTD: jax.Array, p: dict[str, jax.Array]) -> jax.Ar
     if cfg.mlp_kind == "swiglu":
         gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_gate"]), "mlp_in")
         up_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_up"]), "mlp_in")
-        u_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
+        u_BTF = constrain(_recomputed(_swiglu)(gate_BTF, up_BTF), ("act_batch", "act_seq", "act_mlp"))
         return jnp.einsum("btf,fd->btd", u_BTF, p["w_down"])
     pre_BTF = checkpoint_name(_plus(jnp.einsum("btd,df->btf", h_BTD, p["w_in"]), p.get("b_in")), "mlp_in")
-    u_BTF = constrain(ACTIVATIONS[cfg.mlp_kind](pre_BTF), ("act_batch", "act_seq", "act_mlp"))
+    u_BTF = constrain(_recomputed(ACTIVATIONS[cfg.mlp_kind])(pre_BTF), ("act_batch", "act_seq", "act_mlp"))
     return _plus(jnp.einsum("btf,fd->btd", u_BTF, p["w_out"]), p.get("b_out"))
+
+
+def _swiglu(gate_BTF: jax.Array, up_BTF: jax.Array) -> jax.Array:
+    return jax.nn.silu(gate_BTF) * up_BTF
+
+
+def _recomputed(activation: Callable) -> Callable:
+    """The activation, redone from its inputs in the backward pass. Its inputs (matmul outputs)
+    are kept anyway; left alone, XLA also keeps an intermediate (GELU's tanh, a [B, T, F]
+    array per layer) and reads it back: one write and one read of [B, T, F] more per layer."""
+    return jax.checkpoint(activation)
 
 
 def _plus(x: jax.Array, bias: jax.Array | None) -> jax.Array:
