@@ -284,7 +284,8 @@ def mfu_estimate(exp: config.Experiment, devices: hardware.Devices) -> tuple[flo
 
 
 def _newest_record(experiment: str, devices: hardware.Devices) -> dict | None:
-    """The newest complete throughput record in benchmarks/results (any depth) on this card."""
+    """The newest complete throughput record in benchmarks/results (any depth) on this card, of
+    this experiment and on plain rows where there is one."""
     key = "mfu_vs_measured" if devices.backend == "cpu" else "mfu"
     found = []
     for path in sorted(RESULTS.glob("**/*.json")) if RESULTS.is_dir() else []:
@@ -296,8 +297,9 @@ def _newest_record(experiment: str, devices: hardware.Devices) -> dict | None:
         kind = device.get("kind", "") if isinstance(device, dict) else ""
         if record.get(key) and record.get("complete", True) and _same_card(kind, devices):
             record["_path"] = str(path.relative_to(RESULTS.parent.parent))
-            found.append((record.get("experiment") == experiment, str(record.get("date", "")), record))
-    return max(found, key=lambda f: f[:2])[2] if found else None
+            plain = record.get("batch", "plain") == "plain"  # packed rows run a different kernel
+            found.append((record.get("experiment") == experiment, plain, str(record.get("date", "")), record))
+    return max(found, key=lambda f: f[:3])[3] if found else None
 
 
 def _same_card(kind: str, devices: hardware.Devices) -> bool:

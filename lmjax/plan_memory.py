@@ -43,9 +43,11 @@ from lmjax.config import UserError
 
 # The share of one layer's residuals (beyond its input) that its backward pass holds at once on
 # top of all the residuals: the activations' gradients, and with remat what it recomputes (XLA
-# frees them as it goes). Measured on CPU (fp32, scanned layers): about 0.5 without remat, 0.6
-# to 1.0 with remat=full (the matmul outputs are recomputed too), 0.3 to 0.4 with dots/named.
-BACKWARD_LIVE = {"none": 0.5, "full": 0.75, "dots": 0.4, "named": 0.4}
+# frees them as it goes). Measured on CPU (fp32, scanned layers; plan_check.py): about 0.5
+# without remat, 0.75 to 1.0 with remat=full (the matmul outputs are recomputed too), about 1.1
+# with dots/named (the MLP activation, recomputed in every mode, is no traced residual, so the
+# share of what the backward pass rebuilds is larger).
+BACKWARD_LIVE = {"none": 0.5, "full": 0.85, "dots": 1.1, "named": 1.1}
 # Unrolled layers without remat: the share of the layers' traced residuals XLA keeps (it fuses
 # elementwise ones into their consumers, which a scan's stacked residuals rule out). CPU: 0.6-0.7.
 UNROLLED_KEPT = 0.6
@@ -240,16 +242,17 @@ def _activation_bytes(cfg: config.Model, rows: int, rules: dict, sizes: dict[str
 
 
 def _loss_working_set(cfg: config.Model, rows: int, rules: dict, sizes: dict[str, int]) -> float:
-    """What the loss's backward pass holds beyond the residuals: the fp32 gradient of the
-    logits; with `model.loss_chunk`, a chunk's logits recomputed (in the compute dtype and in
-    fp32, and their exponent) beside it."""
+    """What the loss's backward pass holds beyond the residuals: the gradient of the logits, in
+    the compute dtype (`model.cross_entropy_sums` writes it in one pass from the logits, which
+    stay alive until it is written); with `model.loss_chunk`, per chunk, and a chunk's logits
+    recomputed beside it."""
     import jax.numpy as jnp
 
-    if not cfg.loss_chunk:  # the gradient takes the buffer of the logits' exponent, a residual
-        return 0.0
     vocab = cfg.padded_vocab / _axes_size(rules["act_vocab"], sizes)
-    per_logit = 3 * 4 + (jnp.dtype(cfg.dtype).itemsize if jnp.dtype(cfg.dtype) != jnp.float32 else 0)
-    return rows * cfg.loss_chunk * vocab * per_logit
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    if not cfg.loss_chunk:  # the logits themselves are a traced residual
+        return rows * cfg.seq_len * vocab * itemsize
+    return rows * cfg.loss_chunk * vocab * 2 * itemsize
 
 
 @functools.lru_cache(maxsize=32)

@@ -177,7 +177,7 @@ def test_overflowing_total_names_the_largest_part():
 
 
 def test_gpu_pool_fraction_and_hint(monkeypatch):
-    exp = plan.resolve("gpt2_124m", ["train.batch_size=96"])  # between 75% and 92% of an H100
+    exp = plan.resolve("gpt2_124m", ["train.batch_size=160"])  # between 75% and 92% of an H100
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     result = plan.plan(exp, hardware.parse("1xH100"))
     assert not result.fits and "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92" in result.hint
