@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -372,6 +373,8 @@ def measure_step(
         "mfu": flops.mfu(tokens_per_s, m, jax.device_count(), peak) if peak else None,
         "peak_tflops": peak,
         "final_loss": float(metrics["loss"]),
+        # Random tokens: a model that cannot see the future stays near ln(V) over a short run.
+        "uniform_loss": math.log(m.vocab_size),
         "peak_memory_bytes": measure.peak_memory_bytes(),
     }
 
@@ -383,11 +386,18 @@ def summary(r: dict[str, Any]) -> str:
         return f"matmul ceiling on {d['count']} {d['kind']}: {ceiling}"
     mfu = f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f}, " if r["mfu"] is not None else ""
     memory = r["peak_memory_bytes"]
+    suspect = r["final_loss"] < 0.5 * r["uniform_loss"]
     return (
         f"{r['experiment']} {r['batch']} on {d['count']} {d['kind']}: {r['tokens_per_s']:,.0f} tok/s, "
         f"{r['step_ms']:.1f} ms/step, {mfu}{100 * r['mfu_vs_measured']:.1f}% of measured {ceiling}, "
         f"compile {r['compile_s']:.1f} s"
         + (f", peak memory {memory / 2**30:.2f} GiB" if memory is not None else "")
+        + (
+            f"; WARNING: loss {r['final_loss']:.3f} on random tokens, far under ln(V) = "
+            f"{r['uniform_loss']:.2f}: memorised batches, or attention that sees the future?"
+            if suspect
+            else ""
+        )
     )
 
 

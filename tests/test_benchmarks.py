@@ -94,6 +94,7 @@ def test_throughput_record(rehearsal, run):
     assert model.vocab_size == 512 and r["vocab_source"] == "--set"
     # Random tokens over the vocabulary: a freshly initialised model's loss is about ln(V).
     assert abs(r["final_loss"] - math.log(model.vocab_size)) < 0.5
+    assert r["uniform_loss"] == pytest.approx(math.log(model.vocab_size))
 
 
 def test_packed_run_measures_the_same_model(rehearsal):
@@ -144,6 +145,21 @@ def test_variant_and_compile_option_parsing():
     assert options == {"xla_a": False, "xla_b": 3, "xla_c": 0.5, "xla_d": "text"}
     with pytest.raises(SystemExit):
         throughput.parse_args(["--experiment", "gpt2_124m", "--xla", "not_an_option"])
+
+
+def test_skipped_stages_are_recorded_not_failed(tmp_path):
+    env = os.environ | {
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "LMJAX_BENCH_SKIP": " ".join(STAGES[1:]),
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in stages] == STAGES and stages[0]["ok"] is True
+    assert all(s["ok"] is None and s["skipped"] == "named in LMJAX_BENCH_SKIP" for s in stages[1:])
 
 
 def test_env_stage_stops_a_run_without_the_gpu(tmp_path):
