@@ -343,18 +343,7 @@ def measure_step(
                 state, metrics = compiled(state, batches[(warmup + i) % len(batches)])
             jax.block_until_ready((state, metrics))
             elapsed = time.perf_counter() - start
-            profile_steps, profile_dir = profile
-            if profile_steps:
-
-                def run_traced() -> None:
-                    nonlocal state, metrics
-                    for i in range(profile_steps):
-                        state, metrics = compiled(state, batches[i % len(batches)])
-                    jax.block_until_ready((state, metrics))
-
-                part["profile"] = profile_trace.capture(
-                    run_traced, profile_steps, profile_dir, 1000 * elapsed / steps
-                )
+            final_loss = float(metrics["loss"])  # after warmup + steps, profiled or not
         except Exception as e:  # e.g. out of memory: keep the compile-time record, with the error
             on_compiled(
                 part
@@ -365,6 +354,21 @@ def measure_step(
             )
             raise
 
+    profile_steps, profile_dir = profile
+    if profile_steps:
+
+        def run_traced() -> None:
+            out = state
+            for i in range(profile_steps):
+                out, _ = compiled(out, batches[i % len(batches)])
+            jax.block_until_ready(out)
+
+        try:  # the timing above stands whatever the profiler does
+            part["profile"] = profile_trace.capture(
+                run_traced, profile_steps, profile_dir, 1000 * elapsed / steps
+            )
+        except Exception as e:
+            part["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     tokens_per_s = steps * t.batch_size * m.seq_len / elapsed
     peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
     return part | {
@@ -372,7 +376,7 @@ def measure_step(
         "step_ms": 1000 * elapsed / steps,
         "mfu": flops.mfu(tokens_per_s, m, jax.device_count(), peak) if peak else None,
         "peak_tflops": peak,
-        "final_loss": float(metrics["loss"]),
+        "final_loss": final_loss,
         # Random tokens: a model that cannot see the future stays near ln(V) over a short run.
         "uniform_loss": math.log(m.vocab_size),
         "peak_memory_bytes": measure.peak_memory_bytes(),

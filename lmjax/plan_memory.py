@@ -45,8 +45,8 @@ from lmjax.config import UserError
 # top of all the residuals: the activations' gradients, and with remat what it recomputes (XLA
 # frees them as it goes). Measured on CPU (fp32, scanned layers; plan_check.py): about 0.5
 # without remat, 0.75 to 1.0 with remat=full (the matmul outputs are recomputed too), about 1.1
-# with dots/named (the MLP activation, recomputed in every mode, is no traced residual, so the
-# share of what the backward pass rebuilds is larger).
+# with dots (the MLP activation, recomputed in every mode, is no traced residual, so the
+# share of what the backward pass rebuilds is larger); named is not measured and takes dots'.
 BACKWARD_LIVE = {"none": 0.5, "full": 0.85, "dots": 1.1, "named": 1.1}
 # Unrolled layers without remat: the share of the layers' traced residuals XLA keeps (it fuses
 # elementwise ones into their consumers, which a scan's stacked residuals rule out). CPU: 0.6-0.7.
