@@ -291,7 +291,7 @@ def cross_entropy_sums(
 
 def _cross_entropy_fwd(logits_BtV, targets_Bt, mask_Bt):
     logits_f32 = logits_BtV.astype(jnp.float32)
-    max_Bt = jax.lax.stop_gradient(logits_f32.max(-1))
+    max_Bt = logits_f32.max(-1)  # never differentiated: the backward is written out below
     lse_Bt = max_Bt + jnp.log(jnp.exp(logits_f32 - max_Bt[..., None]).sum(-1))
     target_Bt = jnp.take_along_axis(logits_f32, targets_Bt[..., None], axis=-1)[..., 0]
     mask_Bt = mask_Bt.astype(jnp.float32)
@@ -317,8 +317,8 @@ def _unstacked(layers: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
     """Each layer's parameters from the stacked `[L, ...]` arrays. `jnp.unstack`, not `v[i]`:
     its gradient is one stack of the layers' gradients, where indexing's is a zero-padded
     `[L, ...]` array per layer, all added up."""
-    per_name = {k: jnp.unstack(v) for k, v in layers.items()}
-    return [{k: v[i] for k, v in per_name.items()} for i in range(len(next(iter(per_name.values()))))]
+    per_layer = zip(*map(jnp.unstack, layers.values()), strict=True)  # every stack has L layers
+    return [dict(zip(layers, arrays, strict=True)) for arrays in per_layer]
 
 
 def _remat_policy(cfg: config.Model) -> Callable | None:
