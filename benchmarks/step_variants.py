@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "base_overrides": args.set,
         "variants": {},
     }
-    size = 1024 if jax.default_backend() == "cpu" else 8192
-    dtype = runs[0][3].model.dtype
-    record |= {
-        "ceiling_tflops": measure.matmul_ceiling(size, dtype),
-        "ceiling_size": size,
-        "ceiling_dtype": dtype,
-    }
+    record |= throughput.ceiling(runs[0][2], runs[0][3])
     for name, overrides, run_args, exp, vocab_source in runs:
         result: dict[str, Any] = {"overrides": overrides, "compiler_options": run_args.compiler_options}
         try:
@@ -104,12 +98,11 @@ def _brief(result: dict[str, Any], ceiling_tflops: float) -> dict[str, Any]:
     r = result.get("record")
     if r is None or "tokens_per_s" not in r:
         return result
-    mfu = r["tokens_per_s"] * r["flops_per_token"] / (ceiling_tflops * 1e12 * r["device"]["count"])
     return result | {
         "tokens_per_s": r["tokens_per_s"],
         "step_ms": r["step_ms"],
         "compile_s": r["compile_s"],
-        "mfu_vs_measured": mfu,
+        "mfu_vs_measured": throughput.mfu_vs_measured(r, ceiling_tflops),
         "peak_memory_bytes": r["peak_memory_bytes"],
     }
 

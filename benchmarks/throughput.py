@@ -201,18 +201,31 @@ def run(
     """The full record: the step's (`run_step`) and the matmul ceiling; `on_partial` gets the
     record so far (`"complete": false`) once the step has compiled, and again with the error
     if running it fails."""
-    import jax
-
-    record = run_step(args, exp, vocab_source, on_partial)
-    size = args.ceiling_size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
-    dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
-    ceiling = measure.matmul_ceiling(size, dtype)
-    record |= {"ceiling_tflops": ceiling, "ceiling_size": size, "ceiling_dtype": dtype}
+    record = run_step(args, exp, vocab_source, on_partial) | ceiling(args, exp)
     if exp is not None:
-        model_flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
-        record["mfu_vs_measured"] = model_flops_per_s / (ceiling * 1e12 * jax.device_count())
+        record["mfu_vs_measured"] = mfu_vs_measured(record, record["ceiling_tflops"])
     record["complete"] = True
     return record
+
+
+def ceiling(args: argparse.Namespace, exp: config.Experiment | None) -> dict[str, Any]:
+    """The matmul ceiling measured here: `--ceiling-size` (default 8192, 1024 on CPU) squared
+    in `--ceiling-dtype` (default the model's compute dtype)."""
+    import jax
+
+    size = args.ceiling_size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
+    dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
+    return {
+        "ceiling_tflops": measure.matmul_ceiling(size, dtype),
+        "ceiling_size": size,
+        "ceiling_dtype": dtype,
+    }
+
+
+def mfu_vs_measured(record: dict[str, Any], ceiling_tflops: float) -> float:
+    """A step record's model FLOPs per second over the ceiling of all its devices."""
+    flops_per_s = record["tokens_per_s"] * record["flops_per_token"]
+    return flops_per_s / (ceiling_tflops * 1e12 * record["device"]["count"])
 
 
 def run_step(
@@ -269,6 +282,7 @@ def run_step(
         "overrides": args.set,
         "compiler_options": args.compiler_options,
         "vocab_source": vocab_source,
+        "distinct_batches": len(host_batches),
     }
     profile_dir = Path(args.out) / f"trace-{exp.name}" if args.profile else None
     return record | measure_step(

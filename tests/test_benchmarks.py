@@ -95,6 +95,10 @@ def test_throughput_record(rehearsal, run):
     # Random tokens over the vocabulary: a freshly initialised model's loss is about ln(V).
     assert abs(r["final_loss"] - math.log(model.vocab_size)) < 0.5
     assert r["uniform_loss"] == pytest.approx(math.log(model.vocab_size))
+    assert r["distinct_batches"] == r["warmup"] + r["steps"]  # no batch seen twice
+    assert "WARNING" not in throughput.summary(r)
+    # A loss far under ln(V) on fresh random tokens is flagged in the one-line summary.
+    assert "does attention see the future?" in throughput.summary(r | {"final_loss": 0.05})
 
 
 def test_packed_run_measures_the_same_model(rehearsal):
