@@ -7,8 +7,8 @@ untied head; with the 32768-piece stdlib tokenizer that is ~1.1B parameters.
 Data: the stdlib corpus (32768-piece BPE); use `data.source=parquet` (or jsonl, files, tfds)
 for a real corpus.
 How long: 1000 steps of 8 x 2048 tokens (16M tokens); ~3.5 minutes on one H100 at the
-measured 78k tokens/s (71% of its bf16 matmul ceiling), plus ~15 s of compile. Weights and Adam
-state take ~18 GB in fp32, so not for CPUs.
+measured 78k tokens/s (71% of its bf16 matmul ceiling; unconfirmed, see README "Speed"), plus
+~15 s of compile. Weights and Adam state take ~18 GB in fp32, so not for CPUs.
 Expect: memorises stdlib quickly; use it for speed, memory and as a base.
 """
 
