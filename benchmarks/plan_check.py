@@ -1,4 +1,4 @@
-"""The planner's memory estimate (`lmjax.plan.memory_per_device`) against XLA's analysis of the
+"""The planner's memory estimate (`lmjax.plan.memory.memory_per_device`) against XLA's analysis of the
 real train step compiled on this machine's devices.
 
     python benchmarks/plan_check.py [--cpu] [--out DIR] [--set key=value ...]
@@ -10,7 +10,7 @@ effect on unrolled layers) under each remat policy on one device, then on meshes
 emulated CPU devices (fsdp, tensor, data), unrolled layers and a chunked loss: the rehearsal,
 and the configs tests/test_plan.py has no time for. Nothing is allocated: the step is compiled
 from abstract shapes. XLA's peak per device is `argument + output - alias + temp` (the state is
-donated; see lmjax/plan.py). The record, `OUT/plan_check-<platform><devices>.json` (`--cpu`:
+donated; see lmjax/plan/planner.py). The record, `OUT/plan_check-<platform><devices>.json` (`--cpu`:
 `plan_check-cpu1.json`, one host's CPU), is rewritten after each config, so a run cut short
 keeps what it measured.
 """
@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmjax import config, plan
+from lmjax import config
+from lmjax.plan import planner as plan
+from lmjax.plan.memory import memory_per_device
 
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
@@ -136,7 +138,7 @@ def check(exp: config.Experiment) -> tuple[Any, dict[str, Any]]:
     n = jax.device_count()
     if jax.default_backend() == "cpu":  # the mesh's own devices of the emulated ones
         n = exp.mesh.data * exp.mesh.fsdp * exp.mesh.tensor if exp.mesh.data > 0 else n
-    estimate = plan.memory_per_device(exp, n, jax.default_backend(), attention.cuda_capability())
+    estimate = memory_per_device(exp, n, jax.default_backend(), attention.cuda_capability())
     mesh = sharding.make_mesh(exp, jax.devices()[:n])
     tx = optim.make(exp.optim, exp.train.steps)
     start = time.perf_counter()

@@ -238,6 +238,8 @@ def run_step(
     import jax
     import numpy as np
 
+    from lmjax import sharding
+
     device = jax.devices()[0]
     cache_dir = measure.cache_dir()
     record: dict[str, Any] = {
@@ -264,7 +266,7 @@ def run_step(
     }
     if exp is None:
         return record
-    config.mesh_shape(exp, jax.device_count())
+    sharding.mesh_shape(exp, jax.device_count())
     t = exp.train
     rng = np.random.default_rng(t.seed)
     host_batches = [

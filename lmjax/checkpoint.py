@@ -214,7 +214,7 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> S
     saved = newest_saved(workdir, log)
     exp = config.apply_overrides(saved.exp, overrides)
     config.validate(exp)
-    config.mesh_shape(exp, jax.device_count())
+    sharding.mesh_shape(exp, jax.device_count())
     return dataclasses.replace(saved, exp=exp)
 
 

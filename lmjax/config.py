@@ -326,12 +326,12 @@ def _structured(value: Any, hint: Any, key: str) -> Any:
         types = typing.get_type_hints(Source)
         for item in value:
             unknown = set(item) - set(types) if isinstance(item, dict) else {"(not an object)"}
-            _require(not unknown, f"{key}: unknown source fields {sorted(unknown)}; use {sorted(types)}")
+            require(not unknown, f"{key}: unknown source fields {sorted(unknown)}; use {sorted(types)}")
             for name, v in item.items():
                 ok = (
                     isinstance(v, str) if types[name] is str else type(v) in (int, float) and math.isfinite(v)
                 )
-                _require(ok, f"{key}: {name}={v!r} is not a {types[name].__name__}; give one")
+                require(ok, f"{key}: {name}={v!r} is not a {types[name].__name__}; give one")
         return tuple(Source(**item) for item in value)
     return _tuples(value)
 
@@ -357,37 +357,6 @@ def from_dict(d: dict) -> Experiment:
     return Experiment(**kwargs)
 
 
-# --- resuming ----------------------------------------------------------------------------------
-
-# What a resumed run may change: how it runs, not what it computes. Every other model, data and
-# train setting (shapes, seed, batch, corpus, tokenizer) must match the checkpoint's.
-RESUME_MAY_CHANGE = (
-    "name",
-    "mesh.",
-    "checkpoint.",
-    "optim.",  # announced; those that shape the optimizer state are checked below
-    "train.steps",
-    "train.microbatches",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.peak_tflops",
-    "train.progress",
-    "train.profile_steps",
-    "train.xla_flags",
-    "train.nan_at_step",
-    "train.heartbeat_timeout_s",
-    "train.tensorboard",
-    "model.attention",
-    "model.remat",
-    "model.remat_names",
-    "model.loss_chunk",
-    "model.max_segments",
-    "model.z_loss",  # the objective only, like optim.*: announced
-    "data.cache_dir",
-)
-
-
 def flat(exp: Experiment) -> dict[str, Any]:
     """`{"model.d_model": 256, ...}`: every setting under its --set key."""
     out: dict[str, Any] = {}
@@ -399,198 +368,114 @@ def flat(exp: Experiment) -> dict[str, Any]:
     return out
 
 
-def check_resume(saved: Experiment, new: Experiment, step: int, what: str, warm_start_hint: str) -> list[str]:
-    """Raise UserError for a change from `saved` (`what`: the checkpoint at `step`, or a run's
-    config.json) that a resumed run cannot take; return the allowed changes to what it
-    computes (optimizer settings, the schedule's length), to be announced.
-    `new.model.vocab_size=0` means the tokenizer's, i.e. the saved one."""
-    if new.model.vocab_size == 0:
-        vocab = saved.model.vocab_size
-        new = dataclasses.replace(new, model=dataclasses.replace(new.model, vocab_size=vocab))
-    before, after = flat(saved), flat(new)
-    changed = [k for k in after if before.get(k) != after[k]]
-    for key in changed:
-        _require(
-            key.startswith(RESUME_MAY_CHANGE),
-            f"{key}={after[key]!r} but {what} was trained with {before.get(key)!r}; a resumed run "
-            f"cannot change it: set it back, or start a new --workdir with "
-            f"--set checkpoint.init_from={warm_start_hint} to begin from its parameters",
-        )
-    o, so = new.optim, saved.optim
-    _require(
-        o.name == so.name and (o.clip_norm > 0) == (so.clip_norm > 0),
-        f"optim.name={o.name}, optim.clip_norm={o.clip_norm} change the optimizer state {what} "
-        f"holds (name {so.name}, clip_norm {so.clip_norm}); keep its optimizer or warm-start a new run",
-    )
-    _require(
-        new.train.steps >= step,
-        f"train.steps={new.train.steps} is below step {step} that this run already reached; "
-        f"raise train.steps to continue it",
-    )
-    notes = [
-        f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith(("optim.", "model.z_loss"))
-    ]
-    if "train.steps" in changed:
-        notes.append(
-            f"train.steps: {saved.train.steps} -> {new.train.steps} (the learning-rate schedule now "
-            f"ends at step {new.train.steps})"
-        )
-    return notes
-
-
 # --- checks that need no jax -----------------------------------------------------------------
 
 
 def validate(exp: Experiment) -> None:
     """Raise UserError naming the first impossible setting. Device-count checks: `mesh_shape`."""
     m, t, o, d = exp.model, exp.train, exp.optim, exp.data
-    _require(m.flavour in ("gpt2", "llama"), f"model.flavour={m.flavour!r}: use gpt2 or llama")
+    require(m.flavour in ("gpt2", "llama"), f"model.flavour={m.flavour!r}: use gpt2 or llama")
     for key, value in ((k, _get(exp, k)) for k in _POSITIVE):
-        _require(value > 0, f"{key}={value} must be positive")
+        require(value > 0, f"{key}={value} must be positive")
     for key, value in ((k, _get(exp, k)) for k in _NON_NEGATIVE):
-        _require(value >= 0, f"{key}={value} must be >= 0")
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
-    _require(
+        require(value >= 0, f"{key}={value} must be >= 0")
+    require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optim.b1={o.b1}, optim.b2={o.b2} must be in [0, 1)")
+    require(
         m.d_model % m.n_heads == 0,
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads that divide it",
     )
-    _require(
+    require(
         m.kv_heads <= m.n_heads and m.n_heads % m.kv_heads == 0,
         f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
         "pick a divisor of it (0 means n_heads)",
     )
-    _require(
+    require(
         m.flavour == "gpt2" or m.head_dim % 2 == 0,
         f"head dim model.d_model/model.n_heads={m.head_dim} is odd; RoPE needs it even: change either",
     )
-    _require(m.dtype in _DTYPES, f"model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}")
-    _require(
+    require(m.dtype in _DTYPES, f"model.dtype={m.dtype!r}: use one of {sorted(_DTYPES)}")
+    require(
         m.param_dtype in _DTYPES,
         f"model.param_dtype={m.param_dtype!r}: use one of {sorted(_DTYPES)}",
     )
-    _require(
+    require(
         m.remat in ("none", "full", "dots", "named"), f"model.remat={m.remat!r}: use none|full|dots|named"
     )
     unknown_names = sorted(set(m.remat_names) - set(REMAT_NAMES))
-    _require(not unknown_names, f"model.remat_names has {unknown_names}; choose from {list(REMAT_NAMES)}")
-    _require(
+    require(not unknown_names, f"model.remat_names has {unknown_names}; choose from {list(REMAT_NAMES)}")
+    require(
         m.loss_chunk == 0 or m.seq_len % m.loss_chunk == 0,
         f"model.loss_chunk={m.loss_chunk} does not divide model.seq_len={m.seq_len}; pick a divisor or 0",
     )
-    _require(
+    require(
         m.attention in ATTENTION,
         f"model.attention={m.attention!r}: use {'|'.join(ATTENTION)}",
     )
-    _require(
+    require(
         t.batch_size % t.microbatches == 0,
         f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}",
     )
-    _require(o.name in ("adamw", "muon"), f"optim.name={o.name!r}: use adamw|muon")
-    _require(o.schedule in ("cosine", "wsd"), f"optim.schedule={o.schedule!r}: use cosine|wsd")
-    _require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
-    _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
-    _require(m.mlp in ("auto", "gelu", "relu2", "swiglu"), f"model.mlp={m.mlp!r}: use auto|gelu|relu2|swiglu")
-    _require(
+    require(o.name in ("adamw", "muon"), f"optim.name={o.name!r}: use adamw|muon")
+    require(o.schedule in ("cosine", "wsd"), f"optim.schedule={o.schedule!r}: use cosine|wsd")
+    require(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
+    require(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
+    require(m.mlp in ("auto", "gelu", "relu2", "swiglu"), f"model.mlp={m.mlp!r}: use auto|gelu|relu2|swiglu")
+    require(
         t.profile_steps == ()
         or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps),
         f"train.profile_steps={list(t.profile_steps)}: give [first, last] steps within 1..train.steps, or []",
     )
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _validate_sources(d)
-    _require(d.tokenizer in ("bpe", "unigram"), f"data.tokenizer={d.tokenizer!r}: use bpe|unigram")
-    _require(
+    require(d.tokenizer in ("bpe", "unigram"), f"data.tokenizer={d.tokenizer!r}: use bpe|unigram")
+    require(
         0 < d.validation_percent < 50,
         f"data.validation_percent={d.validation_percent} must be in (0, 50)",
     )
     rules = dict(exp.mesh.rules)
     missing = [name for name in LOGICAL_AXES if name not in rules]
-    _require(not missing, f"mesh.rules has no rule for {missing}; map each to a mesh axis or null")
+    require(not missing, f"mesh.rules has no rule for {missing}; map each to a mesh axis or null")
     for name, target in exp.mesh.rules:
         targets = target if isinstance(target, tuple) else (target,)
-        _require(
+        require(
             all(t in (None, "data", "fsdp", "tensor") for t in targets),
             f"mesh.rules maps {name!r} to {target!r}; use data, fsdp, tensor, a list of them or null",
         )
     ck = exp.checkpoint
-    _require(
+    require(
         ck.keep_every == 0 or (ck.every > 0 and ck.keep_every % ck.every == 0),
         f"checkpoint.keep_every={ck.keep_every} is not a multiple of checkpoint.every={ck.every}, so "
         "no checkpoint would fall on it; make it a multiple (or 0)",
     )
     axes = [exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor]
-    _require(
+    require(
         all(a == -1 or a > 0 for a in axes) and axes.count(-1) <= 1,
         f"mesh (data, fsdp, tensor)={tuple(axes)}: sizes must be positive, at most one -1",
     )
 
 
 def _validate_sources(d: Data) -> None:
-    _require(
+    require(
         d.source in (*SOURCES, "mixture"),
         f"data.source={d.source!r}: use one of {', '.join(SOURCES)} or mixture",
     )
-    _require(
+    require(
         d.source != "mixture" or d.mixture,
         'data.source=mixture needs data.mixture=[{"source": ..., "weight": ...}, ...]',
     )
     for i, c in enumerate(d.components()):
         where = f"data.mixture[{i}]." if d.source == "mixture" else "data."
-        _require(c.source in SOURCES, f"{where}source={c.source!r}: use one of {', '.join(SOURCES)}")
-        _require(
+        require(c.source in SOURCES, f"{where}source={c.source!r}: use one of {', '.join(SOURCES)}")
+        require(
             c.source not in ("files", "jsonl", "parquet") or c.path,
             f"{where}source={c.source} needs {where}path=FILE_FOLDER_OR_GLOB",
         )
-        _require(
+        require(
             c.source != "tfds" or c.name or c.path,
             f"{where}source=tfds needs {where}name=DATASET (or {where}path=a prepared dataset folder)",
         )
-        _require(c.source not in ("jsonl", "parquet", "tfds") or c.field, f"{where}field must name the text")
-        _require(c.weight > 0 and math.isfinite(c.weight), f"{where}weight={c.weight} must be positive")
-
-
-def mesh_shape(exp: Experiment, n_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 and check the mesh and the batch against the device count."""
-    mc, m, t = exp.mesh, exp.model, exp.train
-    sizes = [mc.data, mc.fsdp, mc.tensor]
-    fixed = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        _require(
-            n_devices % fixed == 0,
-            f"mesh (data, fsdp, tensor)={tuple(sizes)}: the fixed axes multiply to {fixed}, which "
-            f"does not divide the {n_devices} devices; pick sizes whose product divides it",
-        )
-        sizes[sizes.index(-1)] = n_devices // fixed
-    data, fsdp, tensor = sizes
-    _require(
-        data * fsdp * tensor == n_devices,
-        f"mesh data*fsdp*tensor={data}x{fsdp}x{tensor}={data * fsdp * tensor} does not match "
-        f"the {n_devices} devices; make the product {n_devices} or set one axis to -1",
-    )
-    micro = t.batch_size // t.microbatches
-    _require(
-        micro % (data * fsdp) == 0,
-        f"batch per micro-step {micro} (train.batch_size/train.microbatches) is not divisible "
-        f"by mesh.data*mesh.fsdp={data * fsdp}; change train.batch_size or the mesh",
-    )
-    for key, value in [
-        ("model.n_heads", m.n_heads),
-        ("model.n_kv_heads", m.kv_heads),
-        ("model.d_ff", m.ff_dim),
-    ]:
-        _require(
-            value % tensor == 0,
-            f"mesh.tensor={tensor} does not divide {key}={value}; pick a tensor size dividing it",
-        )
-    _require(
-        m.padded_vocab % tensor == 0,
-        f"mesh.tensor={tensor} does not divide the padded vocabulary {m.padded_vocab}; "
-        "pick a tensor size dividing 128",
-    )
-    _require(
-        m.d_model % fsdp == 0,
-        f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}; pick an fsdp size dividing it",
-    )
-    return data, fsdp, tensor
+        require(c.source not in ("jsonl", "parquet", "tfds") or c.field, f"{where}field must name the text")
+        require(c.weight > 0 and math.isfinite(c.weight), f"{where}weight={c.weight} must be positive")
 
 
 _DTYPES = {"float32", "bfloat16", "float16"}
@@ -662,6 +547,6 @@ def _get(exp: Experiment, dotted: str) -> Any:
     return getattr(getattr(exp, section), field)
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)

@@ -14,6 +14,75 @@ from lmjax import config
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
 
+# What a resumed run may change: how it runs, not what it computes. Every other model, data and
+# train setting (shapes, seed, batch, corpus, tokenizer) must match the checkpoint's.
+RESUME_MAY_CHANGE = (
+    "name",
+    "mesh.",
+    "checkpoint.",
+    "optim.",  # announced; those that shape the optimizer state are checked below
+    "train.steps",
+    "train.microbatches",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.peak_tflops",
+    "train.progress",
+    "train.profile_steps",
+    "train.xla_flags",
+    "train.nan_at_step",
+    "train.heartbeat_timeout_s",
+    "train.tensorboard",
+    "model.attention",
+    "model.remat",
+    "model.remat_names",
+    "model.loss_chunk",
+    "model.max_segments",
+    "model.z_loss",  # the objective only, like optim.*: announced
+    "data.cache_dir",
+)
+
+
+def check_resume(
+    saved: config.Experiment, new: config.Experiment, step: int, what: str, warm_start_hint: str
+) -> list[str]:
+    """Raise UserError for a change from `saved` (`what`: the checkpoint at `step`, or a run's
+    config.json) that a resumed run cannot take; return the allowed changes to what it
+    computes (optimizer settings, the schedule's length), to be announced.
+    `new.model.vocab_size=0` means the tokenizer's, i.e. the saved one."""
+    if new.model.vocab_size == 0:
+        vocab = saved.model.vocab_size
+        new = dataclasses.replace(new, model=dataclasses.replace(new.model, vocab_size=vocab))
+    before, after = config.flat(saved), config.flat(new)
+    changed = [k for k in after if before.get(k) != after[k]]
+    for key in changed:
+        config.require(
+            key.startswith(RESUME_MAY_CHANGE),
+            f"{key}={after[key]!r} but {what} was trained with {before.get(key)!r}; a resumed run "
+            f"cannot change it: set it back, or start a new --workdir with "
+            f"--set checkpoint.init_from={warm_start_hint} to begin from its parameters",
+        )
+    o, so = new.optim, saved.optim
+    config.require(
+        o.name == so.name and (o.clip_norm > 0) == (so.clip_norm > 0),
+        f"optim.name={o.name}, optim.clip_norm={o.clip_norm} change the optimizer state {what} "
+        f"holds (name {so.name}, clip_norm {so.clip_norm}); keep its optimizer or warm-start a new run",
+    )
+    config.require(
+        new.train.steps >= step,
+        f"train.steps={new.train.steps} is below step {step} that this run already reached; "
+        f"raise train.steps to continue it",
+    )
+    notes = [
+        f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith(("optim.", "model.z_loss"))
+    ]
+    if "train.steps" in changed:
+        notes.append(
+            f"train.steps: {saved.train.steps} -> {new.train.steps} (the learning-rate schedule now "
+            f"ends at step {new.train.steps})"
+        )
+    return notes
+
 
 def check_workdir(exp: config.Experiment, workdir: Path, ckpts: Any) -> config.Experiment:
     """Before any tokenizing: refuse a setting a resumed run cannot change (against the newest
@@ -22,9 +91,9 @@ def check_workdir(exp: config.Experiment, workdir: Path, ckpts: Any) -> config.E
     saved = ckpts.newest_readable()
     exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
     if saved:
-        config.check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
+        check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
     elif (workdir / "config.json").exists():
-        config.check_resume(_read_config(workdir), exp, 0, "the run already in this workdir", str(workdir))
+        check_resume(_read_config(workdir), exp, 0, "the run already in this workdir", str(workdir))
     return exp
 
 
@@ -57,7 +126,7 @@ def start_state(
 
     def restore_target(saved: checkpoint.Saved) -> step.State:
         what = f"the checkpoint at step {saved.step}"
-        for change in config.check_resume(saved.exp, exp, saved.step, what, str(workdir)):
+        for change in check_resume(saved.exp, exp, saved.step, what, str(workdir)):
             log(f"resuming with a changed setting: {change}")
         if saved.data["identity"] != corpus.identity:
             raise UserError(

@@ -31,13 +31,58 @@ def make_mesh(exp: config.Experiment, devices: Sequence[jax.Device] | None = Non
     (tensor first, then fsdp, then data) and the outer ones span processes, so the
     bandwidth-hungry tensor collectives use the fast links within a host."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = config.mesh_shape(exp, len(devices))
+    shape = mesh_shape(exp, len(devices))
     processes = len({d.process_index for d in devices})
     if processes == 1:
         grid = np.asarray(devices).reshape(shape)
     else:
         grid = _across_processes(devices, shape, processes)
     return jax.sharding.Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def mesh_shape(exp: config.Experiment, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 and check the mesh and the batch against the device count."""
+    mc, m, t = exp.mesh, exp.model, exp.train
+    sizes = [mc.data, mc.fsdp, mc.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        config.require(
+            n_devices % fixed == 0,
+            f"mesh (data, fsdp, tensor)={tuple(sizes)}: the fixed axes multiply to {fixed}, which "
+            f"does not divide the {n_devices} devices; pick sizes whose product divides it",
+        )
+        sizes[sizes.index(-1)] = n_devices // fixed
+    data, fsdp, tensor = sizes
+    config.require(
+        data * fsdp * tensor == n_devices,
+        f"mesh data*fsdp*tensor={data}x{fsdp}x{tensor}={data * fsdp * tensor} does not match "
+        f"the {n_devices} devices; make the product {n_devices} or set one axis to -1",
+    )
+    micro = t.batch_size // t.microbatches
+    config.require(
+        micro % (data * fsdp) == 0,
+        f"batch per micro-step {micro} (train.batch_size/train.microbatches) is not divisible "
+        f"by mesh.data*mesh.fsdp={data * fsdp}; change train.batch_size or the mesh",
+    )
+    for key, value in [
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", m.kv_heads),
+        ("model.d_ff", m.ff_dim),
+    ]:
+        config.require(
+            value % tensor == 0,
+            f"mesh.tensor={tensor} does not divide {key}={value}; pick a tensor size dividing it",
+        )
+    config.require(
+        m.padded_vocab % tensor == 0,
+        f"mesh.tensor={tensor} does not divide the padded vocabulary {m.padded_vocab}; "
+        "pick a tensor size dividing 128",
+    )
+    config.require(
+        m.d_model % fsdp == 0,
+        f"mesh.fsdp={fsdp} does not divide model.d_model={m.d_model}; pick an fsdp size dividing it",
+    )
+    return data, fsdp, tensor
 
 
 def _across_processes(devices: list[jax.Device], shape: tuple[int, ...], processes: int) -> np.ndarray:

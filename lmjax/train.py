@@ -81,7 +81,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
     from lmjax.stop_signals import StopRequests
 
     workdir = workdir.absolute()
-    config.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
+    sharding.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
     exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
     # Process 0 builds the token cache first: on a shared file system the others then read it.

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from lmjax import attention as attn
-from lmjax import attention_check, config
-from lmjax import attention_kernels as kernels
-from lmjax.attention import attention, reference
+from lmjax import config
+from lmjax.attention import attention, kernels, reference
+from lmjax.attention import check as attention_check
 from lmjax.data import cache, loader
 
 CPU_IMPLS = ("xla", "pallas", "splash")

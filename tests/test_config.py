@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmjax import config
+from lmjax import config, resume, sharding
 from lmjax.config import UserError
 from lmjax.train import main
 
@@ -42,7 +42,7 @@ def test_config_round_trips_through_json():
 def test_shipped_experiments_are_valid(name):
     exp = config.load_experiment(name)
     config.validate(exp)
-    config.mesh_shape(exp, 8)
+    sharding.mesh_shape(exp, 8)
     assert exp.name == name
     # Each experiment says at the top what it is for, how long it takes and what to expect.
     doc = importlib.import_module(f"lmjax.experiments.{name}").__doc__
@@ -194,8 +194,8 @@ def test_tensor_axis_must_divide_the_padded_vocabulary():
         ["mesh.data=2", "mesh.tensor=3", "model.vocab_size=200", "train.batch_size=4"],
     )
     with pytest.raises(UserError, match="mesh.tensor=3 does not divide the padded vocabulary 256"):
-        config.mesh_shape(exp, 6)  # e.g. a box of 6 GPUs
-    assert config.mesh_shape(config.apply_overrides(exp, ["model.vocab_size=300"]), 6) == (2, 1, 3)
+        sharding.mesh_shape(exp, 6)  # e.g. a box of 6 GPUs
+    assert sharding.mesh_shape(config.apply_overrides(exp, ["model.vocab_size=300"]), 6) == (2, 1, 3)
 
 
 def test_experiments_load_from_a_bare_checkout(tmp_path):
@@ -225,17 +225,17 @@ def test_a_saved_config_read_back_resumes_without_changes():
         ],
     )
     saved = config.from_dict(json.loads(json.dumps(config.to_dict(exp))))
-    assert config.check_resume(saved, exp, 5, "the checkpoint", "DIR") == []
+    assert resume.check_resume(saved, exp, 5, "the checkpoint", "DIR") == []
     changed = config.apply_overrides(
         exp, ["optim.lr=1e-4", "train.steps=9000", "mesh.tensor=2", "model.z_loss=1e-4"]
     )
-    assert config.check_resume(saved, changed, 5, "the checkpoint", "DIR") == [
+    assert resume.check_resume(saved, changed, 5, "the checkpoint", "DIR") == [
         "model.z_loss: 0.0 -> 0.0001",
         f"optim.lr: {exp.optim.lr!r} -> 0.0001",
         f"train.steps: {exp.train.steps} -> 9000 (the learning-rate schedule now ends at step 9000)",
     ]
     with pytest.raises(config.UserError, match=r"data.mixture=.* but the checkpoint was trained with"):
-        config.check_resume(
+        resume.check_resume(
             saved,
             config.apply_overrides(exp, ['data.mixture=[{"source": "stdlib"}]']),
             5,

@@ -17,6 +17,7 @@ from lmjax import config
 from lmjax.config import Source, UserError
 from lmjax.data import cache, shards, sources, tokenizer
 from lmjax.data.__main__ import main as data_main
+from lmjax.data.files import is_validation, stdlib_files, user_files
 
 
 def _docs(c: Source, percent: float = 2.0) -> dict[str, list[str]]:
@@ -27,9 +28,9 @@ def _docs(c: Source, percent: float = 2.0) -> dict[str, list[str]]:
 
 
 def test_stdlib_split_is_stable_and_small():
-    root, files = sources.stdlib_files()
+    root, files = stdlib_files()
     rel = [f.relative_to(root).as_posix() for f in files]
-    val = [r for r in rel if sources.is_validation(r, 2.0)]
+    val = [r for r in rel if is_validation(r, 2.0)]
     assert 0.005 < len(val) / len(rel) < 0.05
     assert not any("/test/" in f"/{r}" or r.startswith("idlelib/") for r in rel)
     docs = _docs(Source("stdlib"))
@@ -319,9 +320,9 @@ def test_folders_skip_hidden_and_underscore_files_and_take_the_suffix(tmp_path):
     (tmp_path / "_SUCCESS").write_text("")
     (tmp_path / "README.md").write_text("about")
     _write_jsonl(tmp_path / "a.jsonl", 3)
-    _, files = sources.user_files(str(tmp_path))
+    _, files = user_files(str(tmp_path))
     assert sorted(p.name for p in files) == ["README.md", "a.jsonl"]
-    _, files = sources.user_files(str(tmp_path), (".jsonl",))
+    _, files = user_files(str(tmp_path), (".jsonl",))
     assert [p.name for p in files] == ["a.jsonl"]
 
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 
 from lmjax import checkpoint, config, sharding, step
-from lmjax.export import main, model_sets
+from lmjax.hf.export import main, model_sets
 
 # D=32, H=4, E=8, L=2, T=32. GPT-2: vocab 516, LLaMA: 520, 2 kv heads (GQA); both padded to 640 in
 # lmjax (the tokenizer has 512 pieces).
@@ -504,7 +504,7 @@ TOKENIZER_VARIANTS = {  # changes, add_prefix_space, whether the fast conversion
 def test_tokenizer_config_without_tokenizer_json_matches_the_model(case, stdlib_corpus, tmp_path):
     """LlamaConverter prepends "▁" only when add_prefix_space; it cannot follow sentencepiece's
     normalisation rules or a unigram model, which the note says, with use_fast=False."""
-    from lmjax import hf_tokenizer
+    from lmjax.hf import tokenizer as hf_tokenizer
 
     changes, prefix, differs = TOKENIZER_VARIANTS[case]
     notes = hf_tokenizer.export(_variant(stdlib_corpus.tokenizer.model_proto, **changes), tmp_path, 32)
@@ -633,8 +633,8 @@ def test_import_accepts_configs_that_mean_the_defaults(case, exported, imported,
 
 def test_a_failed_import_leaves_no_folder_and_a_rerun_works(exported, tmp_path, monkeypatch, capsys):
     """A failure after the checkpoint is saved (writing tokenizer.model, the last file)."""
-    from lmjax import export
     from lmjax.config import UserError
+    from lmjax.hf import export
 
     real = export.write_atomic
 
@@ -657,7 +657,7 @@ def test_a_failed_import_leaves_no_folder_and_a_rerun_works(exported, tmp_path, 
 
 
 def test_import_assembles_the_model_on_the_host_cpu(monkeypatch):
-    from lmjax.export import host_device
+    from lmjax.hf.export import host_device
 
     assert host_device() == jax.local_devices(backend="cpu")[0] and host_device().platform == "cpu"
     real = jax.local_devices
@@ -688,7 +688,7 @@ def test_import_assembles_the_model_on_the_host_cpu(monkeypatch):
     ],
 )
 def test_export_config_refuses_what_the_hf_classes_cannot_compute(name, changes, refused):
-    from lmjax import hf_config
+    from lmjax.hf import config as hf_config
 
     m = config.Model(**{**vars(MODELS[name]), **changes})
     if refused is None:

@@ -7,7 +7,10 @@ import pytest
 from conftest import tiny_experiment
 from test_benchmarks import _benchmark
 
-from lmjax import config, flops, hardware, plan, plan_memory
+from lmjax import config, flops
+from lmjax.plan import hardware
+from lmjax.plan import memory as plan_memory
+from lmjax.plan import planner as plan
 
 plan_check = _benchmark("plan_check")
 

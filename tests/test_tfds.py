@@ -12,7 +12,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from lmjax.config import UserError  # noqa: E402
 from lmjax.data import tfds_source  # noqa: E402
-from lmjax.data.sources import is_validation, stdlib_files  # noqa: E402
+from lmjax.data.files import is_validation, stdlib_files  # noqa: E402
 
 LINES = 300  # examples in the test builder; every 10th is empty
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from lmjax.data.sources import is_validation, stdlib_files
+from lmjax.data.files import is_validation, stdlib_files
 
 VALIDATION_PERCENT = 2.0
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lmjax.config import UserError
-from lmjax.data.sources import is_validation
+from lmjax.data.files import is_validation
 
 NETWORK_PROBE = ("storage.googleapis.com", 443)
 NETWORK_TIMEOUT_S = 3.0

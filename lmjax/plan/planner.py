@@ -11,7 +11,7 @@ plan is then of the fastest mesh and micro-batch count that does), 2 for bad inp
 naming the problem and the fix).
 
 How memory is counted, per device, against XLA's own analysis of the compiled train step, and
-what that leaves out: `lmjax/plan_memory.py`.
+what that leaves out: `lmjax/plan/memory.py`.
 
 Usable memory: on a GPU the pool JAX preallocates, XLA_PYTHON_CLIENT_MEM_FRACTION (default 75%;
 lmjax.train leaves it), with a hint when a plan fits only at 0.92; on a TPU or the host, 90%.
@@ -28,17 +28,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmjax import config, flops, hardware
+from lmjax import config, flops, sharding
 from lmjax.config import UserError
-from lmjax.hardware import GiB
-from lmjax.plan_memory import memory_per_device
+from lmjax.plan import hardware
+from lmjax.plan.hardware import GiB
+from lmjax.plan.memory import memory_per_device
 
 USABLE = 0.9  # of a TPU's or the host's memory: what the runtime and XLA's fragmentation leave
 GPU_POOL = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: the pool it preallocates on a GPU
 GPU_POOL_HINT = 0.92  # the fraction the hint suggests when a plan needs more than the default pool
 DEFAULT_MFU = 0.40  # GPU/TPU, where no benchmark record of the card exists
 TOKENS_PER_PARAM = 20  # compute-optimal (Hoffmann et al. 2022)
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PARTS = ("params", "optimizer", "gradients", "activations")
 
 
@@ -129,7 +130,7 @@ def plan(exp: config.Experiment, devices: hardware.Devices) -> Plan:
     micro-batch count that does (or, when none does, of the nearest batch size that splits)."""
     note, fit = "", fastest_fit(exp, devices)
     try:
-        config.mesh_shape(exp, devices.count)
+        sharding.mesh_shape(exp, devices.count)
     except UserError as e:
         note = f"the experiment's mesh and batch do not fit {devices.count} devices ({e})"
         planned = _nearest_valid(exp, devices, fit)
@@ -150,7 +151,7 @@ def plan(exp: config.Experiment, devices: hardware.Devices) -> Plan:
         exp = config.apply_overrides(exp, planned)
         note += f"; planned with {' '.join(f'--set {o}' for o in planned)}"
     m, t = exp.model, exp.train
-    mesh = config.mesh_shape(exp, devices.count)
+    mesh = sharding.mesh_shape(exp, devices.count)
     memory = memory_per_device(exp, devices.count, devices.backend, devices.capability)
     fraction = usable_fraction(devices.backend)
     usable = fraction * devices.memory_bytes
@@ -259,7 +260,7 @@ def _candidate_overrides(exp: config.Experiment, n: int) -> Any:
                     f"train.microbatches={micro}",
                 ]
                 try:
-                    config.mesh_shape(config.apply_overrides(exp, overrides), n)
+                    sharding.mesh_shape(config.apply_overrides(exp, overrides), n)
                 except UserError:
                     continue
                 yield overrides

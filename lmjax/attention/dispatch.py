@@ -37,8 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmjax import attention_kernels as kernels
 from lmjax import sharding
+from lmjax.attention import kernels
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "pallas", "splash", "reference")
 

@@ -38,7 +38,7 @@ import functools
 import math
 from typing import Any
 
-from lmjax import config
+from lmjax import config, sharding
 from lmjax.config import UserError
 
 # The share of one layer's residuals (beyond its input) that its backward pass holds at once on
@@ -62,7 +62,7 @@ def memory_per_device(
     """Bytes per device of the train step (module docstring): params, optimizer, gradients,
     activations (`lmjax.plan.PARTS`) and their "total".
     `backend`/`capability` pick the attention kernel as `model.attention=auto` would there."""
-    data, fsdp, tensor = config.mesh_shape(exp, n_devices)
+    data, fsdp, tensor = sharding.mesh_shape(exp, n_devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     rules = dict(exp.mesh.rules)
     params, optimizer = _state_bytes(exp, sizes)
@@ -180,7 +180,8 @@ def _traceable_attention(cfg: config.Model, backend: str, capability: tuple[int,
     traced off a GPU, replaced by the Pallas flash kernel that keeps the same residuals."""
     import jax.numpy as jnp
 
-    from lmjax import attention, attention_kernels
+    from lmjax import attention
+    from lmjax.attention import kernels as attention_kernels
 
     q_shape = (1, cfg.seq_len, cfg.n_heads, cfg.head_dim)
     impl = attention.resolve(

@@ -1,0 +1,5 @@
+import sys
+
+from lmjax.plan.planner import main
+
+sys.exit(main())
