@@ -25,10 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 from measure import record_header
 from throughput import resolve
 
-from lmjax import config
+from lmjax import checkpoint, config, optim, sharding, step
 
 RESULTS = Path(__file__).parent / "results"
 IO_PACKAGES = ("orbax-checkpoint", "tensorstore")
@@ -61,10 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(exp: config.Experiment, folder: Path, repeats: int) -> dict:
-    import jax
-
-    from lmjax import checkpoint, optim, sharding, step
-
     mesh = sharding.make_mesh(exp)
     tx = optim.make(exp.optim, exp.train.steps)
     with sharding.use(mesh, exp.mesh.rules):

@@ -31,6 +31,7 @@ from measure import package_versions
 
 from lmjax import config
 from lmjax.config import Source
+from lmjax.data import cache, loader, sources, tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 LOADER_SHAPES = ((1024, 32), (2048, 16), (256, 128))
@@ -46,8 +47,6 @@ def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
 def loader_tokens_per_s(
     splits: list, weights: list[float], seq_len: int, batch: int, seconds: float = 3.0
 ) -> float:
-    from lmjax.data import loader
-
     batches = loader.TrainBatches(splits, weights, seq_len, batch, seed=0)
     next(batches)  # start the prefetch thread
     tokens, start = 0, time.perf_counter()
@@ -72,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
-    import pyarrow as pa
+    import pyarrow as pa  # optional (lmjax[parquet]): only this benchmark's Parquet build needs it
     import pyarrow.parquet as pq
-
-    from lmjax.data import cache, sources, tokenizer
 
     docs = [text for _, text in sources.documents(Source("stdlib"), data.validation_percent)]
     mb = sum(len(d.encode()) for d in docs) / 1e6

@@ -20,10 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 from measure import record_header
 from throughput import resolve
 
-from lmjax import config
+from lmjax import config, optim, sharding, step
+from lmjax.generate import Generator
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(exp: config.Experiment, batches: list[int], args: argparse.Namespace) -> dict:
-    import jax
-    import numpy as np
-
-    from lmjax import optim, sharding, step
-    from lmjax.generate import Generator
-
     mesh = sharding.make_mesh(exp)
     with sharding.use(mesh, exp.mesh.rules):
         _, state, _ = step.init_state(exp, optim.make(exp.optim, 1), mesh)

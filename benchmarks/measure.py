@@ -1,7 +1,6 @@
 """What a benchmark record says about the machine and the compiled step: package, cuDNN and
 backend versions, the persistent compilation cache and its hits, a measured matmul ceiling, the
-devices' peak memory, and XLA's memory and cost analyses. jax is imported only inside the
-functions that need it, so data-only benchmarks can use the version helpers without it."""
+devices' peak memory, and XLA's memory and cost analyses."""
 
 from __future__ import annotations
 
@@ -12,6 +11,11 @@ import time
 from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lmjax import config
 
 VERSIONED = (
     *("jax", "jaxlib", "flax", "optax", "numpy"),
@@ -24,9 +28,6 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 def matmul_ceiling(size: int, dtype: str, windows: int = 5, window_s: float = 0.1) -> float:
     """Best TFLOP/s of a `size`³ matmul on the first device over a few timed windows (each at
     most 50 matmuls in flight, so outputs waiting to be freed stay bounded)."""
-    import jax
-    import jax.numpy as jnp
-
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (size, size), jnp.dtype(dtype))
     b = jax.random.normal(key_b, (size, size), jnp.dtype(dtype))
@@ -47,14 +48,12 @@ def matmul_ceiling(size: int, dtype: str, windows: int = 5, window_s: float = 0.
 
 def peak_memory_bytes() -> int | None:
     """The largest `peak_bytes_in_use` over this process's devices; None where not reported."""
-    import jax
-
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     return max(peaks) if peaks else None
 
 
-def memory_analysis(compiled: Any) -> dict[str, int] | None:
+def memory_analysis(compiled: jax.stages.Compiled) -> dict[str, int] | None:
     """Every integer field of XLA's per-device memory analysis (argument, output, alias, temp,
     generated code, ...; the fields differ between jaxlib versions and backends)."""
     try:
@@ -70,7 +69,7 @@ def memory_analysis(compiled: Any) -> dict[str, int] | None:
     return {n: v for n, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
-def xla_flops(compiled: Any) -> float | None:
+def xla_flops(compiled: jax.stages.Compiled) -> float | None:
     """XLA's own count of the step's FLOPs (per device), for comparison with the model count."""
     try:
         cost = compiled.cost_analysis()
@@ -93,13 +92,11 @@ def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
     return {p: version(p) for p in packages}
 
 
-def record_header(benchmark: str, exp: Any, mesh: Any, packages: Iterable[str]) -> dict[str, Any]:
+def record_header(
+    benchmark: str, exp: config.Experiment, mesh: jax.sharding.Mesh, packages: Iterable[str]
+) -> dict[str, Any]:
     """What every benchmark record starts with: when, which experiment, on what devices and
     mesh, with which package versions, and the whole config."""
-    import jax
-
-    from lmjax import config
-
     return {
         "benchmark": benchmark,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -127,7 +124,7 @@ def _cudnn_version() -> int | None:
     """cuDNN's runtime version as an int (e.g. 91000 for 9.10.0), None off CUDA. Read through
     `jax._src.lib.cuda_versions`, the module JAX's own cuDNN attention checks the version with
     (private, hence guarded)."""
-    try:
+    try:  # a private module that may move: imported here, where a failure is caught
         from jax._src.lib import cuda_versions
 
         return int(cuda_versions.cudnn_get_version()) if cuda_versions is not None else None
@@ -137,8 +134,6 @@ def _cudnn_version() -> int | None:
 
 def platform_version() -> str | None:
     """The backend's own description, e.g. the CUDA and driver versions on a GPU."""
-    import jax
-
     try:
         return str(jax.devices()[0].client.platform_version)
     except Exception:
@@ -147,8 +142,6 @@ def platform_version() -> str | None:
 
 def cache_dir() -> str | None:
     """The persistent compilation cache's folder, None when there is none."""
-    import jax
-
     try:
         return jax.config.jax_compilation_cache_dir or None
     except AttributeError:
@@ -160,8 +153,6 @@ class cache_hits:
     that gains an entry per hit, or None where jax.monitoring cannot be listened to."""
 
     def __enter__(self) -> list[str] | None:
-        import jax
-
         self.hits: list[str] = []
         try:
             jax.monitoring.register_event_listener(self._listen)
@@ -170,8 +161,6 @@ class cache_hits:
         return self.hits
 
     def __exit__(self, *exc: object) -> None:
-        import jax
-
         if self.hits is not None:
             jax.monitoring.unregister_event_listener(self._listen)
 

@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmjax import config
+import jax
+import jax.numpy as jnp
+
+from lmjax import attention, config, optim, sharding, step
 from lmjax.plan import planner as plan
 from lmjax.plan.memory import memory_per_device
 
@@ -98,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
 
-    import jax
-
     if args.cpu:  # before the backend starts: the meshes' devices, emulated on the host's cores
         jax.config.update("jax_num_cpu_devices", 8)
         jax.config.update("jax_platforms", "cpu")
@@ -130,11 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(exp: config.Experiment) -> tuple[Any, dict[str, Any]]:
     """(mesh, the planner's estimate and XLA's analysis of the compiled step on all devices)."""
-    import jax
-    import jax.numpy as jnp
-
-    from lmjax import attention, optim, sharding, step
-
     n = jax.device_count()
     if jax.default_backend() == "cpu":  # the mesh's own devices of the emulated ones
         n = exp.mesh.data * exp.mesh.fsdp * exp.mesh.tensor if exp.mesh.data > 0 else n
@@ -145,10 +141,10 @@ def check(exp: config.Experiment) -> tuple[Any, dict[str, Any]]:
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.abstract_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        batch_sh = step.batch_sharding(mesh)
+        placement = sharding.BatchPlacement(mesh, exp.train.batch_size)
         shape = (exp.train.batch_size, exp.model.seq_len)
-        batch = {
-            name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+        batch = {  # shapes only: the step is compiled, never run
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding)
             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))
         }
         compiled = train_step.lower(state, batch).compile()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+
 # The first pattern a lower-cased kernel name contains decides its kind. cuBLAS on Hopper names
 # its kernels nvjet_*/sm90_xmma_*; XLA's Triton matmuls are *gemm*; cuDNN's flash attention
 # kernels carry sdpa or fmha.
@@ -36,8 +38,6 @@ TOP = 25  # kernels listed by name
 def capture(run_steps: Callable[[], None], steps: int, log_dir: str | Path, step_ms: float) -> dict[str, Any]:
     """Trace `run_steps()` (which runs `steps` steps and waits for them) into `log_dir`, then
     summarise the trace; `step_ms` is the step time measured without the profiler."""
-    import jax
-
     with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
         run_steps()
     traces = sorted(Path(log_dir).rglob("perfetto_trace.json.gz"))

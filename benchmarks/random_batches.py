@@ -3,17 +3,17 @@ layout: plain causal rows, or packed rows of several documents (no tokenizer, no
 
 from __future__ import annotations
 
-from typing import Any
+import numpy as np
 
 
-def random_batch(rng: Any, batch_size: int, seq_len: int, vocab: int, packed: bool = False) -> dict[str, Any]:
+def random_batch(
+    rng: np.random.Generator, batch_size: int, seq_len: int, vocab: int, packed: bool = False
+) -> dict[str, np.ndarray]:
     """Uniform random tokens. Plain: one document per row and no segment ids or positions, so
     attention takes its plain causal path (cuDNN on a GPU), as the peers measure. Packed: the
     loader's layout (`lmjax.data.loader.windows`), documents of lengths drawn uniformly from
     [seq_len/16, seq_len] back to back, segment ids counting from 1 and positions restarting
     at each document; the target that would predict the next document's first token is masked."""
-    import numpy as np
-
     n = seq_len + 1  # inputs and targets
     tokens_BN = rng.integers(0, vocab, (batch_size, n), dtype=np.int32)
     if not packed:
@@ -40,10 +40,8 @@ def random_batch(rng: Any, batch_size: int, seq_len: int, vocab: int, packed: bo
     }
 
 
-def max_segments(batches: list[dict[str, Any]]) -> int:
+def max_segments(batches: list[dict[str, np.ndarray]]) -> int:
     """The most documents any row of these batches holds (1 for plain batches)."""
-    import numpy as np
-
     counts = [
         1 + np.count_nonzero(np.diff(b["segment_ids"], axis=1), axis=1).max()
         for b in batches

@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from lmjax import config
+import jax
+from measure import record_header
+
+from lmjax import config, loop, plot, sharding
 
 RESULTS = Path(__file__).parent / "results"
 PAIRS = {
@@ -50,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ablations = leave_one_out(*experiments) if args.ablate else {}
 
-    from lmjax import train
-
     def trained(exp: config.Experiment) -> dict:
         workdir = Path(args.workdir) / exp.name
         start = time.time()
-        train.run(exp, workdir)
+        loop.run(exp, workdir)
         return _run_summary(exp, workdir, time.time() - start)
 
     runs = [trained(exp) for exp in experiments]
@@ -207,10 +208,6 @@ def _compare(runs: list[dict]) -> dict:
 
 
 def _header(exp: config.Experiment, runs: list[dict]) -> dict:
-    from measure import record_header
-
-    from lmjax import sharding
-
     resolved = config.from_dict(runs[0]["config"])
     header = record_header("recipe", exp, sharding.make_mesh(resolved), ("jax", "jaxlib", "flax", "optax"))
     header.pop("config")  # each run's config is in its own entry
@@ -220,14 +217,10 @@ def _header(exp: config.Experiment, runs: list[dict]) -> dict:
 
 
 def _device_tag() -> str:
-    import jax
-
     return f"{jax.default_backend()}{jax.device_count()}"
 
 
 def _plot(workdirs: list[Path], out: Path) -> None:
-    from lmjax import plot
-
     plot.plot_runs(workdirs, x="tokens", out=out)
 
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
+
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
@@ -65,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"step_variants: error: {e}", file=sys.stderr)
         return 2
-    import jax
-
     path = Path(args.out) / f"variants-{runs[0][3].name}-{jax.devices()[0].platform}{jax.device_count()}.json"
     record: dict[str, Any] = {
         "benchmark": "step_variants",

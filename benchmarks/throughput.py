@@ -44,8 +44,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 import lmjax.xla_flags
-from lmjax import config
+from lmjax import attention, config, flops, optim, sharding, step
 from lmjax.config import UserError
 
 # Python puts this folder on sys.path only when this file is run as a script; the tests load it
@@ -137,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def result_path(args: argparse.Namespace, exp: config.Experiment | None) -> Path:
-    import jax
-
     stem = f"throughput-{exp.name}" if exp else "matmul_ceiling"
     suffix = ("-packed" if args.packed else "") + (f"-{args.tag}" if args.tag else "")
     return Path(args.out) / f"{stem}-{jax.devices()[0].platform}{jax.device_count()}{suffix}.json"
@@ -153,8 +154,6 @@ def env_check(backend: str) -> int:
     """Print this Python, jax's versions and devices and the cuDNN version (on CUDA); 0 when
     jax's default backend is `backend`, else 1. The GPU run's first stage: fast, and it stops
     the run before a CPU fallback spends the budget."""
-    import jax
-
     print(f"python {platform.python_version()} ({sys.executable})")
     print("versions:", json.dumps(measure.versions()))
     print(
@@ -211,8 +210,6 @@ def run(
 def ceiling(args: argparse.Namespace, exp: config.Experiment | None) -> dict[str, Any]:
     """The matmul ceiling measured here: `--ceiling-size` (default 8192, 1024 on CPU) squared
     in `--ceiling-dtype` (default the model's compute dtype)."""
-    import jax
-
     size = args.ceiling_size or (1024 if jax.devices()[0].platform == "cpu" else 8192)
     dtype = args.ceiling_dtype or (exp.model.dtype if exp else "bfloat16")
     return {
@@ -235,11 +232,6 @@ def run_step(
     on_partial: Callable[[dict[str, Any]], None] = lambda record: None,
 ) -> dict[str, Any]:
     """The machine's description and, with an experiment, its step measured (no ceiling)."""
-    import jax
-    import numpy as np
-
-    from lmjax import sharding
-
     device = jax.devices()[0]
     cache_dir = measure.cache_dir()
     record: dict[str, Any] = {
@@ -266,7 +258,6 @@ def run_step(
     }
     if exp is None:
         return record
-    sharding.mesh_shape(exp, jax.device_count())
     t = exp.train
     rng = np.random.default_rng(t.seed)
     host_batches = [
@@ -312,10 +303,6 @@ def measure_step(
     the compile-time part of the result before any step runs, and that part with an `"error"`
     if running fails. `profile` = (N, folder): then N more steps are traced into the folder and
     the record gains `profile_trace.capture`'s summary."""
-    import jax
-
-    from lmjax import flops, optim, sharding, step
-
     m, t = exp.model, exp.train
     packed = "segment_ids" in host_batches[0]
     mesh = sharding.make_mesh(exp)
@@ -323,8 +310,8 @@ def measure_step(
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        batch_sh = step.batch_sharding(mesh)
-        batches = [step.put_batch(b, batch_sh) for b in host_batches]
+        placement = sharding.BatchPlacement(mesh, t.batch_size)
+        batches = [placement.put_global(b) for b in host_batches]  # every host made every row
         params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
         start = time.perf_counter()
@@ -425,8 +412,6 @@ def summary(r: dict[str, Any]) -> str:
 
 def _attention_impl(m: config.Model, batch_size: int, packed: bool) -> str:
     """The kernel `model.attention` resolves to here (plain batches carry no segment ids)."""
-    from lmjax import attention
-
     q_shape = (batch_size, m.seq_len, m.n_heads, m.head_dim)
     return attention.resolve(m.attention, q_shape, m.dtype, packed, kv_heads=m.kv_heads)
 

@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 from measure import package_versions
 
 from lmjax import config
-from lmjax.train import run
+from lmjax.loop import run
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     exp = config.apply_overrides(config.load_experiment(args.experiment), args.set)
     config.validate(exp)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"lmjax-{exp.name}-"))
-
-    import jax
 
     start = time.time()
     final = run(exp, workdir)

@@ -19,16 +19,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from lmjax import config, sharding, step
+from lmjax import config, distributed, sharding, step
 from lmjax.config import UserError
+
+if TYPE_CHECKING:  # for a type only: the data stack (sentencepiece) stays off generation's path
+    from lmjax.data.cache import Corpus
 
 Log = Callable[[str], None]
 
@@ -52,7 +56,7 @@ class Checkpoints:
         nothing is cleaned up, renamed or written."""
         cfg = cfg or config.Checkpoint()
         self.folder, self.log, self.read_only = Path(workdir).absolute() / "checkpoints", log, read_only
-        keep: list[Any] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
+        keep: list[ocp.checkpoint_managers.PreservationPolicy] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
         absl_log = logging.getLogger("absl")
@@ -170,8 +174,6 @@ class Checkpoints:
             src.rename(dst)
             self.log(f"moved the damaged checkpoint {src} to {dst}")
         if jax.process_count() > 1:  # every process sees the rename before it lists steps again
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"lmjax set aside checkpoint {s}")
         self._manager.reload()
 
@@ -214,7 +216,7 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> S
     saved = newest_saved(workdir, log)
     exp = config.apply_overrides(saved.exp, overrides)
     config.validate(exp)
-    sharding.mesh_shape(exp, jax.device_count())
+    sharding.mesh_shape(exp, jax.device_count())  # a bad --set mesh.* fails before the tokenizer loads
     return dataclasses.replace(saved, exp=exp)
 
 
@@ -292,7 +294,7 @@ def _pack(state: step.State) -> dict[str, Any]:
     return {"params": state["params"], "train_state": {k: v for k, v in state.items() if k != "params"}}
 
 
-def _unpack(restored: Any) -> step.State:
+def _unpack(restored: Mapping[str, Any]) -> step.State:
     """Orbax's Composite result -> the train state dict."""
     out = {"params": restored["params"]}
     if "train_state" in restored:
@@ -311,8 +313,6 @@ def _agreed_failure(s: int, failure: Exception | None, where: Path) -> Exception
     only its own shards, so a damaged one may fail on its process alone; then the others wait
     in Orbax's barrier after their reads and cannot follow it to an older step: this process
     stops the run (exit 2; the others end through the heartbeat) and says what to move."""
-    from lmjax import distributed
-
     verdict = "ok" if failure is None else "damaged" if _is_damage(failure) else "failed"
     try:  # processes that failed too answer at once; ones that read theirs never answer
         verdicts = distributed.agree(
@@ -346,7 +346,7 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def data_state(loader_state: dict, corpus: Any) -> dict:
+def data_state(loader_state: dict, corpus: Corpus) -> dict:
     """The `data` item: where the loader is, and which tokenized corpus it walks (the cache
     entry's key, and `Corpus.identity`, which survives moving the files)."""
     return {

@@ -16,7 +16,12 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lmjax.config import UserError
 
@@ -73,8 +78,6 @@ def initialize(heartbeat_timeout_s: int, log: Callable[[str], None] = print) -> 
     args = detect()
     if args is None:
         return
-    import jax
-
     if jax.distributed.is_initialized():  # by the caller (a notebook, another entry point)
         return
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") is None:
@@ -100,8 +103,6 @@ def main_first(work: Callable[[], T], what: str) -> T:
     client = _client()
     if client is None:
         return work()
-    import jax
-
     key = f"lmjax/{next(_exchanges)}/{what}"
     if jax.process_index() == 0:
         result = work()
@@ -118,8 +119,6 @@ def agree(what: str, value: str, timeout_s: float = WAIT_S) -> list[str]:
     client = _client()
     if client is None:
         return [value]
-    import jax
-
     prefix = f"lmjax/{next(_exchanges)}/{what}"  # a new key each time: keys are set once
     client.key_value_set(f"{prefix}/{jax.process_index()}", value)
     ms = int(timeout_s * 1000)
@@ -144,15 +143,11 @@ class StopVote:
     step and is read a step late, so the host never waits on it (a blocking all-gather every
     step would leave the devices idle between steps)."""
 
-    def __init__(self, mesh: Any):
-        import jax
-
+    def __init__(self, mesh: jax.sharding.Mesh):
         self._several = jax.process_count() > 1
-        self._step, self._decision, self._pending = -1, False, None
+        self._step, self._decision = -1, False
+        self._pending: jax.Array | None = None
         if self._several:
-            import jax.numpy as jnp
-            from jax.sharding import NamedSharding, PartitionSpec
-
             self._sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))  # a flag per device
             self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -164,10 +159,7 @@ class StopVote:
             self._step, self._decision = done, previous is not None and bool(previous)
         return self._decision
 
-    def _vote(self, flag: bool) -> Any:
-        import jax
-        import numpy as np
-
+    def _vote(self, flag: bool) -> jax.Array:
         devices = self._sharding.addressable_devices
         flags = [jax.device_put(np.array([flag]), d) for d in devices]
         count = self._sharding.mesh.size
@@ -177,16 +169,21 @@ class StopVote:
 def _client():
     """JAX's coordination-service client, None on one process. JAX keeps it in a private
     module; jax.experimental.multihost_utils offers only device collectives."""
-    from jax._src import distributed as jax_distributed
-
-    return jax_distributed.global_state.client
+    try:  # private: guarded against a jax that moves it
+        from jax._src.distributed import global_state
+    except ImportError:
+        if jax.distributed.is_initialized():
+            raise UserError(
+                f"jax {jax.__version__} has no jax._src.distributed.global_state, which several "
+                "processes coordinate through; install the jax version pyproject.toml pins"
+            ) from None
+        return None
+    return global_state.client
 
 
 def is_main() -> bool:
     """Whether this process writes the run's files and prints its progress: process 0 (or the
     only one; asked before `initialize`, it touches no device)."""
-    import jax
-
     return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
@@ -205,8 +202,7 @@ def _ints(count: str, index: str) -> tuple[int, int]:
 def _tpu_workers() -> int:
     """Workers in this Cloud TPU slice, read as JAX's own cluster detection reads them (1 off
     a TPU VM). Private JAX modules: if they move, a TPU pod needs the explicit variables."""
-    try:
-        import jax  # noqa: F401 - its import notes whether this is a Cloud TPU VM
+    try:  # importing jax (above) noted whether this is a Cloud TPU VM
         from jax._src import cloud_tpu_init
         from jax._src.clusters import cloud_tpu_cluster as tpu
 

@@ -18,31 +18,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from flax import nnx
+
+from lmjax import checkpoint, config, sharding, step
+from lmjax.atomic import write_atomic
 from lmjax.config import UserError
+from lmjax.data import cache, loader
+from lmjax.data.tokenizer import Tokenizer
+
+EvalStep = Callable[[nnx.State, step.Batch], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 class HeldOut:
-    """Loss, perplexity and bits per byte of parameters over a sequence of batches, each put
-    on the devices while the one before it is evaluated."""
+    """Loss, perplexity and bits per byte of parameters over a sequence of batches (this host's
+    rows of each, `placement.rows`), each put on the devices while the one before it is evaluated."""
 
     def __init__(
-        self,
-        batches: Sequence[dict[str, Any]],
-        eval_step: Callable,
-        batch_sharding: Any,
-        batch_size: int,
+        self, batches: Sequence[loader.Batch], eval_step: EvalStep, placement: sharding.BatchPlacement
     ):
-        self._batches, self._eval_step = batches, eval_step
-        self._batch_sharding, self._batch_size = batch_sharding, batch_size
+        self._batches, self._eval_step, self._placement = batches, eval_step, placement
 
-    def __call__(self, params: Any) -> dict[str, float]:
-        import jax
-        import numpy as np
-
-        from lmjax import step
-
+    def __call__(self, params: nnx.State) -> dict[str, float]:
         sums = [
-            self._eval_step(params, step.put_batch(b, self._batch_sharding, self._batch_size))
+            self._eval_step(params, self._placement.put(b))
             for b in self._batches  # dispatch is async: the next batch is built meanwhile
         ]
         loss_sum, count, n_bytes = np.asarray(jax.device_get(sums), np.float64).sum(axis=0).tolist()
@@ -57,25 +57,27 @@ class HeldOut:
 
 
 def held_out(
-    exp: Any, corpus: Any, graphdef: Any, param_shardings: Any, mesh: Any, split: str, n_batches: int
+    exp: config.Experiment,
+    corpus: cache.Corpus,
+    graphdef: nnx.GraphDef,
+    param_shardings: nnx.State,
+    placement: sharding.BatchPlacement,
+    split: str,
+    n_batches: int,
 ) -> HeldOut:
     """The evaluation of `exp`'s run on `n_batches` batches of `split` of `corpus` (0: all of
-    it), on `mesh`; each host builds only the rows its devices hold."""
-    from lmjax import sharding, step
-    from lmjax.data import loader
-
-    m, t = exp.model, exp.train
-    batch_sh = step.batch_sharding(mesh)
+    it), placed like the training batches (`placement`: each host builds only its own rows)."""
     batches = loader.EvalBatches(
         corpus.splits(split),
         corpus.weights,
-        m.seq_len,
-        t.batch_size,
+        exp.model.seq_len,
+        placement.batch_size,
         n_batches,
-        rows=sharding.host_rows(batch_sh, t.batch_size),
+        placement.rows,
     )
+    mesh = placement.sharding.mesh
     eval_step = step.make_eval_step(graphdef, param_shardings, mesh, corpus.tokenizer.token_bytes())
-    return HeldOut(batches, eval_step, batch_sh, t.batch_size)
+    return HeldOut(batches, eval_step, placement)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,16 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate the newest checkpoint in `workdir` on every window of `split`; the result is
     also written to `workdir/eval.json`."""
-    from lmjax import checkpoint, config
-
     exp = checkpoint.saved_experiment(workdir, list(overrides), log=_print).exp
-    import jax
-
-    from lmjax import sharding, step
-    from lmjax.atomic import write_atomic
-    from lmjax.data import cache
-    from lmjax.data.tokenizer import Tokenizer
-
     run_tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     corpus = cache.load_or_build(exp.data, log=_print)
     if corpus.tokenizer.model_proto != run_tokenizer.model_proto:
@@ -129,7 +122,8 @@ def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] 
         params, saved = checkpoint.load_newest(workdir, mesh, log=_print)
         graphdef, _ = step.abstract_model(exp.model)
         shardings = jax.tree.map(lambda a: a.sharding, params)
-        scores = held_out(exp, corpus, graphdef, shardings, mesh, split, n_batches=0)(params)
+        placement = sharding.BatchPlacement(mesh, exp.train.batch_size)
+        scores = held_out(exp, corpus, graphdef, shardings, placement, split, n_batches=0)(params)
     result = {
         "step": saved.step,
         "split": split,

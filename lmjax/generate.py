@@ -12,6 +12,7 @@ prompt length).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -20,8 +21,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmjax import config
+import jax
+import numpy as np
+from flax import nnx
+
+from lmjax import checkpoint, config, model, sampling, sharding, step
 from lmjax.config import UserError
+from lmjax.data.tokenizer import Tokenizer
 
 # Prompts are left-padded to a multiple of _PROMPT_BUCKET tokens and the cache has a multiple of
 # _CACHE_BUCKET slots, so similar lengths and token limits share a compilation.
@@ -108,14 +114,15 @@ class Generator:
     run's newest checkpoint."""
 
     def __init__(
-        self, exp: config.Experiment, params: Any, tokenizer: Any, mesh: Any, log: Log | None = None
+        self,
+        exp: config.Experiment,
+        params: nnx.State,
+        tokenizer: Tokenizer | None,
+        mesh: jax.sharding.Mesh,
+        log: Log | None = None,
     ):
         """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
         ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr)."""
-        import jax
-
-        from lmjax import model
-
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
         self.log = log or _print
         self.eos_id = tokenizer.eos_id if tokenizer else -1
@@ -127,9 +134,6 @@ class Generator:
     def from_workdir(cls, workdir: str | Path, overrides: Sequence[str] = (), log: Log = print) -> Generator:
         """The newest checkpoint of the run in `workdir` and its tokenizer, on the run's mesh
         (`overrides`: `mesh.*=...` for another machine)."""
-        from lmjax import checkpoint, sharding
-        from lmjax.data.tokenizer import Tokenizer
-
         workdir = Path(workdir)
         exp = checkpoint.saved_experiment(workdir, list(overrides), log).exp
         mesh = sharding.make_mesh(exp)
@@ -180,19 +184,16 @@ class Generator:
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[list[int]]:
         """New token ids for each prompt (ids, <s> included), </s> left out."""
-        import jax
-        import numpy as np
-
-        prompts_BP, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
+        prompts_BT, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
         rows = len(prompt_ids)
         key = jax.random.key(seed)
         settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
         with self._on_mesh():
-            slots = _round_up(prompts_BP.shape[1] + max_tokens, _CACHE_BUCKET)
+            slots = _round_up(prompts_BT.shape[1] + max_tokens, _CACHE_BUCKET)
             cache = self._init_cache(start_B, slots)
-            next_B, cache = self._step(self.params, prompts_BP, cache, jax.random.fold_in(key, 0), *settings)
+            next_B, cache = self._step(self.params, prompts_BT, cache, jax.random.fold_in(key, 0), *settings)
             for i in range(max_tokens):
                 token_B = next_B
                 if i + 1 < max_tokens:  # queue the next step before reading this one's tokens
@@ -210,11 +211,11 @@ class Generator:
                     break
         return out
 
-    def _layout(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> tuple[Any, Any, int]:
-        """Left-padded prompts `[B, P]` (rows padded to a multiple of the batch shards), where
+    def _layout(
+        self, prompt_ids: Sequence[Sequence[int]], max_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Left-padded prompts `[B, T]` (rows padded to a multiple of the batch shards), where
         each row's prompt starts, and `max_tokens` cut to what the model's context leaves."""
-        import numpy as np
-
         context = self.exp.model.seq_len
         longest = max(map(len, prompt_ids))
         if longest > context:
@@ -228,17 +229,15 @@ class Generator:
             self.log(f"max tokens cut to {max_tokens}: the longest prompt leaves that much of the context")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         B = _round_up(len(prompt_ids), shards)
-        P = _round_up(longest, _PROMPT_BUCKET)
+        T = _round_up(longest, _PROMPT_BUCKET)
         padded = [*prompt_ids, *[prompt_ids[0]] * (B - len(prompt_ids))]
-        prompts_BP = np.zeros((B, P), np.int32)
-        start_B = np.array([P - len(p) for p in padded], np.int32)
+        prompts_BT = np.zeros((B, T), np.int32)
+        start_B = np.array([T - len(p) for p in padded], np.int32)
         for b, p in enumerate(padded):
-            prompts_BP[b, start_B[b] :] = p
-        return prompts_BP, start_B, max_tokens
+            prompts_BT[b, start_B[b] :] = p
+        return prompts_BT, start_B, max_tokens
 
-    def _on_mesh(self) -> Any:
-        from lmjax import sharding
-
+    def _on_mesh(self) -> contextlib.AbstractContextManager[None]:
         return sharding.use(self.mesh, self.exp.mesh.rules)
 
 
@@ -265,11 +264,6 @@ class _TextStream:
 def _decode_step(cfg: config.Model) -> Callable:
     """(params, tokens_BT, cache, key, temperature, top_k, top_p) -> (next ids [B], cache):
     the tokens go through the model against the cache, and the last position picks the next."""
-    import jax
-    from flax import nnx
-
-    from lmjax import sampling, step
-
     graphdef, _ = step.abstract_model(cfg)
 
     def decode(params, tokens_BT, cache, key, temperature, top_k, top_p):

@@ -10,8 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+from tqdm import tqdm
+
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
+
+Record = dict[str, float]  # one metrics.jsonl line: "step" and what was measured at it
 
 
 class Logger:
@@ -34,8 +39,6 @@ class Logger:
         active: bool = True,
         tensorboard: bool = False,
     ):
-        from tqdm import tqdm
-
         self._file = None
         self._tensorboard = None
         self.time_offset = 0.0
@@ -54,7 +57,7 @@ class Logger:
             file=sys.stderr,
         )
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: Record) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps(record) + "\n")
@@ -89,7 +92,7 @@ class TensorBoard:
     NOT_SCALARS = ("step", "tokens", "time")  # the x axes, not metrics
 
     def __init__(self, folder: Path, first_step: int):
-        try:
+        try:  # optional: not every accelerator image has tensorboardX
             from tensorboardX import SummaryWriter
         except ImportError as e:
             raise UserError(
@@ -97,7 +100,7 @@ class TensorBoard:
             ) from e
         self._writer = SummaryWriter(str(folder), purge_step=first_step + 1)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: Record) -> None:
         for key, value in record.items():
             if key not in self.NOT_SCALARS:
                 self._writer.add_scalar(key, value, record["step"])
@@ -107,7 +110,7 @@ class TensorBoard:
         self._writer.close()
 
 
-def _discard_after(path: Path, step: int, discarded: Path) -> list[dict[str, Any]]:
+def _discard_after(path: Path, step: int, discarded: Path) -> list[Record]:
     """Moves the lines of steps after `step` to `discarded`; returns the records kept."""
     if not path.exists():
         return []
@@ -121,7 +124,7 @@ def _discard_after(path: Path, step: int, discarded: Path) -> list[dict[str, Any
     return [r for r, k in zip(records, keep, strict=True) if k]
 
 
-def _record_of(line: str) -> dict[str, Any] | None:
+def _record_of(line: str) -> Record | None:
     """A line's record, or None for a line cut short by a kill (it counts as a later step)."""
     try:
         record = json.loads(line)
@@ -159,22 +162,17 @@ class StepTrace:
 
     def before(self, step: int) -> None:
         if step == self.first:
-            import jax
-
             jax.profiler.start_trace(str(self.folder))
             self._running = True
 
     def after(self, step: int, outputs: Any) -> None:
+        """`outputs`: the step's results (any pytree of arrays), waited for on the last step."""
         if step == self.last:
-            import jax
-
             jax.block_until_ready(outputs)
             self.stop()
             self.log(f"profile of steps {self.first}-{self.last} in {self.folder}")
 
     def stop(self) -> None:
         if self._running:
-            import jax
-
             jax.profiler.stop_trace()
             self._running = False

@@ -6,22 +6,20 @@ llama: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied head, no biase
 Recipe options (config.Model, all off by default): `mlp` picks the MLP (gelu or relu2: two
 matrices, with biases in the gpt2 flavour; swiglu: three matrices, no biases in either flavour),
 `qk_norm` RMS-normalises each head's queries and keys before RoPE, `zero_init` starts the
-residual output projections at zero, `logit_softcap` squashes the logits with tanh, and
-`z_loss` adds logsumexp(logits)^2 to the training objective (`loss_terms`; never to the
-evaluation loss).
+residual output projections at zero, and `logit_softcap` squashes the logits with tanh. The
+objective the logits feed (cross-entropy, `z_loss`) is `loss.py`'s.
 
-Layer parameters are stored stacked, `[layers, ...]`, and the forward pass either unrolls a
-Python loop over them or `lax.scan`s: the same parameter tree either way. Parameters are kept
-in `param_dtype` (fp32 master weights) and cast to `dtype` for compute. Dimension letters:
-B batch, T sequence, D d_model, H query heads, K kv heads, E head dim, F d_ff, V padded vocab,
-L layers.
+Layer parameters are stored stacked, `[L, ...]`, and the forward pass either unrolls a Python
+loop over them or `lax.scan`s: the same parameter tree either way. Parameters are kept in
+`param_dtype` (fp32 master weights) and cast to `dtype` for compute. Shape letters: the package
+docstring (`lmjax`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,9 @@ from lmjax import config
 from lmjax.attention import attention
 from lmjax.attention import cached as cached_attention
 from lmjax.sharding import constrain
+
+Params = dict[str, jax.Array]  # parameters by name: every layer's stacked, or one layer's
+Carry = TypeVar("Carry")
 
 _ACT_BTD = ("act_batch", "act_seq", "act_embed")
 # The cache is laid out like the activations: rows over the batch axes, kv heads over tensor.
@@ -98,7 +99,7 @@ class Layers(nnx.Module):
             self.q_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
             self.k_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
 
-    def arrays(self, dtype: jnp.dtype) -> dict[str, jax.Array]:
+    def arrays(self, dtype: jnp.dtype) -> Params:
         return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
@@ -144,11 +145,7 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             block_fn = jax.checkpoint(block_fn, policy=_remat_policy(cfg))
         layers = self.layers.arrays(jnp.dtype(cfg.dtype))
-        if cfg.scan_layers:
-            x_BTD, _ = jax.lax.scan(lambda x, p: (block_fn(x, p)[0], None), x_BTD, layers)
-        else:
-            for p in _unstacked(layers):
-                x_BTD, _ = block_fn(x_BTD, p)
+        x_BTD = _over_layers(lambda x_BTD, p: block_fn(x_BTD, p)[0], x_BTD, layers, cfg.scan_layers)
         return self._final_norm(x_BTD)
 
     def decode(
@@ -167,17 +164,15 @@ class Transformer(nnx.Module):
         def layer(carry, p):
             x_BTD, k_LBSKE, v_LBSKE, i = carry
             x_BTD, (k_LBSKE, v_LBSKE) = block_fn(x_BTD, p, kv=(k_LBSKE, v_LBSKE, i, slots_T, cache.start_B))
-            return (x_BTD, k_LBSKE, v_LBSKE, i + 1), None
+            return x_BTD, k_LBSKE, v_LBSKE, i + 1
 
-        carry = (self._embed(tokens_BT, positions_BT), cache.k_LBSKE, cache.v_LBSKE, 0)
+        x_BTD = self._embed(tokens_BT, positions_BT)
         layers = self.layers.arrays(jnp.dtype(cfg.dtype))
-        if cfg.scan_layers:
-            carry, _ = jax.lax.scan(layer, (*carry[:3], jnp.zeros((), jnp.int32)), layers)
-        else:
-            for p in _unstacked(layers):
-                carry, _ = layer(carry, p)
-        x_BTD, k_LBSKE, v_LBSKE, _ = carry
-        if last_only:  # a prefill needs only the next token's logits, not [B, P, V] of them
+        # The layer index: traced under scan; unrolled, a Python int, so each layer's slice is static.
+        first = jnp.zeros((), jnp.int32) if cfg.scan_layers else 0
+        carry = (x_BTD, cache.k_LBSKE, cache.v_LBSKE, first)
+        x_BTD, k_LBSKE, v_LBSKE, _ = _over_layers(layer, carry, layers, cfg.scan_layers)
+        if last_only:  # a prefill needs only the next token's logits, not [B, T, V] of them
             x_BTD = x_BTD[:, -1:]
         new_cache = KVCache(
             constrain(k_LBSKE, _CACHE_NAMES),
@@ -227,93 +222,19 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
     return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
 
 
-def loss_sums(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy (fp32) over unmasked targets, and their count: the
-    evaluation loss, which no `z_loss` setting changes."""
-    ce_sum, _, count = loss_terms(model, batch)
-    return ce_sum, count
+def _over_layers(
+    layer_fn: Callable[[Carry, Params], Carry], carry: Carry, layers: Params, scan: bool
+) -> Carry:
+    """`carry = layer_fn(carry, p)` for each layer's parameters `p` in turn: one `lax.scan` over
+    the stacked `[L, ...]` arrays (one compiled layer), or a Python loop (L of them)."""
+    if scan:
+        return jax.lax.scan(lambda c, p: (layer_fn(c, p), None), carry, layers)[0]
+    for p in _unstacked(layers):
+        carry = layer_fn(carry, p)
+    return carry
 
 
-def loss_terms(model: Transformer, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(summed cross-entropy, summed logsumexp(logits)^2, count) over unmasked targets, in fp32.
-    The training objective is `ce + model.z_loss * z` (step.py); the z sum costs nothing when
-    unused (XLA drops it).
-
-    Sums rather than means, so micro-batches and eval batches add up exactly. With
-    `model.loss_chunk`, logits exist for that many positions at a time, forward and backward
-    (each chunk is rematerialised), never as fp32 `[B, T, V]` for the whole batch.
-    """
-    cfg = model.cfg
-    # A batch without segment ids is plain causal (one document per row): the fast kernels differ.
-    h_BTD = model.hidden(batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
-    # The head in its stored precision, cast per use: chunks then add their gradients in fp32.
-    head_DV, targets_BT, mask_BT = model.head_DV(cfg.param_dtype), batch["targets"], batch["loss_mask"]
-    if not cfg.loss_chunk:
-        return (*_loss_sum(cfg, head_DV, h_BTD, targets_BT, mask_BT), mask_BT.sum())
-    B, T, D = h_BTD.shape
-    C = T // cfg.loss_chunk
-
-    def chunks(x):  # [B, T, ...] -> [C, B, T/C, ...]: the batch axis keeps its sharding
-        return jnp.moveaxis(x.reshape(B, C, cfg.loss_chunk, *x.shape[2:]), 1, 0)
-
-    chunk_loss = jax.checkpoint(functools.partial(_loss_sum, cfg, head_DV))
-
-    def add_chunk(totals: tuple[jax.Array, jax.Array], chunk: tuple[jax.Array, ...]):
-        ce_sum, z_sum = chunk_loss(*chunk)
-        return (totals[0] + ce_sum, totals[1] + z_sum), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (ce_sum, z_sum), _ = jax.lax.scan(
-        add_chunk, (zero, zero), (chunks(h_BTD), chunks(targets_BT), chunks(mask_BT))
-    )
-    return ce_sum, z_sum, mask_BT.sum()
-
-
-def _loss_sum(
-    cfg: config.Model, head_DV: jax.Array, h_BtD: jax.Array, targets_Bt: jax.Array, mask_Bt: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy and summed logsumexp^2 (z-loss, PaLM) of the positions given (all
-    of them, or one chunk), from the one logsumexp."""
-    return cross_entropy_sums(logits(cfg, h_BtD, head_DV.astype(h_BtD.dtype)), targets_Bt, mask_Bt)
-
-
-@jax.custom_vjp
-def cross_entropy_sums(
-    logits_BtV: jax.Array, targets_Bt: jax.Array, mask_Bt: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """(sum of mask * (logsumexp - target logit), sum of mask * logsumexp^2), in fp32 from logits
-    in any dtype. Its own gradient: one pass over the logits, `(softmax - onehot) * weight` in
-    the logits' dtype, where autodiff of the same expression makes XLA pass over [B, T, V]
-    several times in fp32 (a tenth of GPT-2 124M's step on an H100). The mask and the targets get
-    no gradient; reverse mode only (no `jax.jvp` through it)."""
-    return _cross_entropy_fwd(logits_BtV, targets_Bt, mask_Bt)[0]
-
-
-def _cross_entropy_fwd(logits_BtV, targets_Bt, mask_Bt):
-    logits_f32 = logits_BtV.astype(jnp.float32)
-    max_Bt = logits_f32.max(-1)  # never differentiated: the backward is written out below
-    lse_Bt = max_Bt + jnp.log(jnp.exp(logits_f32 - max_Bt[..., None]).sum(-1))
-    target_Bt = jnp.take_along_axis(logits_f32, targets_Bt[..., None], axis=-1)[..., 0]
-    mask_Bt = mask_Bt.astype(jnp.float32)
-    sums = ((lse_Bt - target_Bt) * mask_Bt).sum(), (jnp.square(lse_Bt) * mask_Bt).sum()
-    return sums, (logits_BtV, lse_Bt, targets_Bt, mask_Bt)
-
-
-def _cross_entropy_bwd(residuals, cotangents):
-    logits_BtV, lse_Bt, targets_Bt, mask_Bt = residuals
-    g_ce, g_z = cotangents
-    # d/dlogits of ce: softmax - onehot; of lse^2: 2 * lse * softmax.
-    softmax_weight_Bt1 = (mask_Bt * (g_ce + 2 * g_z * lse_Bt))[..., None]
-    softmax_BtV = jnp.exp(logits_BtV.astype(jnp.float32) - lse_Bt[..., None])
-    onehot_BtV = jnp.arange(logits_BtV.shape[-1]) == targets_Bt[..., None]
-    d_BtV = softmax_weight_Bt1 * softmax_BtV - jnp.where(onehot_BtV, (mask_Bt * g_ce)[..., None], 0.0)
-    return d_BtV.astype(logits_BtV.dtype), None, None
-
-
-cross_entropy_sums.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-def _unstacked(layers: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+def _unstacked(layers: Params) -> list[Params]:
     """Each layer's parameters from the stacked `[L, ...]` arrays. `jnp.unstack`, not `v[i]`:
     its gradient is one stack of the layers' gradients, where indexing's is a zero-padded
     `[L, ...]` array per layer, all added up."""
@@ -323,7 +244,7 @@ def _unstacked(layers: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
 
 def _remat_policy(cfg: config.Model) -> Callable | None:
     """none/full: save nothing inside a block; dots: save matmul outputs; named: save the
-    activations `model.remat_names` lists (config.REMAT_NAMES, tagged in `_block`)."""
+    activations `model.remat_names` lists (config.RematName, tagged in `_block`)."""
     if cfg.remat == "dots":
         return jax.checkpoint_policies.dots_saveable
     if cfg.remat == "named":
@@ -333,7 +254,7 @@ def _remat_policy(cfg: config.Model) -> Callable | None:
 
 def _block(
     x_BTD: jax.Array,
-    p: dict[str, jax.Array],
+    p: Params,
     *,
     cfg: config.Model,
     segment_ids_BT: jax.Array | None,
@@ -388,7 +309,7 @@ def relu2(x: jax.Array) -> jax.Array:
 ACTIVATIONS = {"gelu": jax.nn.gelu, "relu2": relu2}
 
 
-def _mlp(cfg: config.Model, h_BTD: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+def _mlp(cfg: config.Model, h_BTD: jax.Array, p: Params) -> jax.Array:
     """SwiGLU (three matrices), or a two-matrix MLP with biases where the layer has them."""
     if cfg.mlp_kind == "swiglu":
         gate_BTF = checkpoint_name(jnp.einsum("btd,df->btf", h_BTD, p["w_gate"]), "mlp_in")
@@ -415,27 +336,29 @@ def _plus(x: jax.Array, bias: jax.Array | None) -> jax.Array:
     return x if bias is None else x + bias
 
 
-def _norm(cfg: config.Model, x_BTD: jax.Array, scale_D: jax.Array, bias_D: jax.Array | None) -> jax.Array:
-    """LayerNorm (with bias) or RMSNorm, computed in fp32, returned in x's dtype."""
-    x = x_BTD.astype(jnp.float32)
-    if bias_D is not None:
-        x = x - x.mean(-1, keepdims=True)
-    x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps)
-    x = x * scale_D.astype(jnp.float32)
-    if bias_D is not None:
-        x = x + bias_D.astype(jnp.float32)
-    return x.astype(x_BTD.dtype)
+def _norm(cfg: config.Model, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """LayerNorm (with bias) or RMSNorm over x's last axis (D; E for qk_norm's per-head norm),
+    computed in fp32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    if bias is not None:
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
+    x32 = x32 * scale.astype(jnp.float32)
+    if bias is not None:
+        x32 = x32 + bias.astype(jnp.float32)
+    return x32.astype(x.dtype)
 
 
-def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention)."""
-    E = x_BTNE.shape[-1]
+def rope(x_BTHE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout (the Hugging Face LLaMA convention), of queries
+    `[B, T, H, E]` or keys `[B, T, K, E]`. `E2`: one angle per pair of dims, E / 2 of them."""
+    E = x_BTHE.shape[-1]
     inv_freq_E2 = theta ** (-jnp.arange(0, E, 2, dtype=jnp.float32) / E)
     angle_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq_E2
     sin_BT1E2, cos_BT1E2 = jnp.sin(angle_BTE2)[:, :, None], jnp.cos(angle_BTE2)[:, :, None]
-    x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BTHE.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos_BT1E2 - x2 * sin_BT1E2, x2 * cos_BT1E2 + x1 * sin_BT1E2], -1)
-    return rotated.astype(x_BTNE.dtype)
+    return rotated.astype(x_BTHE.dtype)
 
 
 def _param(init, shape: tuple[int, ...], names: tuple[str, ...], *, rngs: nnx.Rngs, dtype: str) -> nnx.Param:

@@ -14,7 +14,11 @@ import sys
 from collections.abc import Sequence
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from lmjax.config import UserError
 
@@ -70,12 +74,10 @@ def plot_runs(
     x: str = "tokens",
     out: str | Path | None = None,
     ylim: Sequence[float] | None = None,
-) -> Any:
+) -> Figure:
     """A matplotlib Figure of the runs' losses against `x`; saved as a PNG to `out` if given.
     The figure is drawn by Agg without pyplot, so no window opens and a notebook's backend is
     left as it was (show it with `IPython.display.Image(out)` or `display(fig)`)."""
-    from matplotlib.figure import Figure
-
     if x not in X_AXES:
         raise UserError(f"--x {x}: give one of {', '.join(X_AXES)}")
     runs = [read_run(Path(d), label) for d, label in zip(dirs, _labels(dirs), strict=True)]
@@ -100,9 +102,7 @@ def plot_runs(
     return fig
 
 
-def _decorate(ax: Any, x: str, ylim: Sequence[float] | None) -> None:
-    from matplotlib.ticker import EngFormatter
-
+def _decorate(ax: Axes, x: str, ylim: Sequence[float] | None) -> None:
     ax.set_xlabel(_X_LABELS[x])
     ax.set_ylabel("loss (nats per token)")
     if x == "tokens":
@@ -148,7 +148,7 @@ def read_run(workdir: Path, label: str) -> Curves:
     )
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+def _records(path: Path) -> list[dict[str, float]]:
     """metrics.jsonl's lines in step order, without a last line a kill cut short."""
     records = []
     for line in path.read_text().splitlines():
@@ -167,8 +167,6 @@ def _continued_time(times: list[float]) -> list[float]:
 
 def _at_steps(steps: list[float], known_steps: list[float], known: list[float]) -> list[float]:
     """`known` (tokens or time at the training lines) at `steps`, linearly interpolated."""
-    import numpy as np
-
     return np.interp(steps, known_steps, known).tolist()
 
 

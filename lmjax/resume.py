@@ -8,11 +8,16 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from lmjax import config
+import jax
+import optax
+from flax import nnx
+
+from lmjax import checkpoint, config, step
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
+from lmjax.data import loader
+from lmjax.data.cache import Corpus
 
 # What a resumed run may change: how it runs, not what it computes. Every other model, data and
 # train setting (shapes, seed, batch, corpus, tokenizer) must match the checkpoint's.
@@ -30,7 +35,6 @@ RESUME_MAY_CHANGE = (
     "train.progress",
     "train.profile_steps",
     "train.xla_flags",
-    "train.nan_at_step",
     "train.heartbeat_timeout_s",
     "train.tensorboard",
     "model.attention",
@@ -84,10 +88,11 @@ def check_resume(
     return notes
 
 
-def check_workdir(exp: config.Experiment, workdir: Path, ckpts: Any) -> config.Experiment:
+def check_workdir(exp: config.Experiment, workdir: Path, ckpts: checkpoint.Checkpoints) -> config.Experiment:
     """Before any tokenizing: refuse a setting a resumed run cannot change (against the newest
     checkpoint, or the config.json of a run that has none yet), and point a warm start at its
-    tokenizer. Returns the experiment with that tokenizer filled in."""
+    tokenizer. Returns the experiment with that tokenizer filled in. (`start_state` checks
+    again the checkpoint it restores: an older one when this one is damaged.)"""
     saved = ckpts.newest_readable()
     exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
     if saved:
@@ -97,11 +102,9 @@ def check_workdir(exp: config.Experiment, workdir: Path, ckpts: Any) -> config.E
     return exp
 
 
-def resolve_from_data(exp: config.Experiment, corpus: Any) -> config.Experiment:
+def resolve_from_data(exp: config.Experiment, corpus: Corpus) -> config.Experiment:
     """Fill in what the data decides: the vocabulary, and the documents per row that the
     packed attention kernel is sized for."""
-    from lmjax.data import loader
-
     exp = with_vocab(exp, corpus.tokenizer.vocab_size)
     if exp.model.max_segments == 0:
         splits = corpus.splits("train") + corpus.splits("validation")
@@ -113,19 +116,20 @@ def resolve_from_data(exp: config.Experiment, corpus: Any) -> config.Experiment:
 def start_state(
     exp: config.Experiment,
     workdir: Path,
-    corpus: Any,
-    ckpts: Any,
-    tx: Any,
-    mesh: Any,
+    corpus: Corpus,
+    ckpts: checkpoint.Checkpoints,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
     log: Callable[[str], None],
-) -> tuple[Any, dict, dict, Any]:
+) -> tuple[nnx.GraphDef, step.State, step.State, checkpoint.Saved | None]:
     """(graphdef, state, shardings, the checkpoint resumed or None): the newest usable
     checkpoint restored onto `mesh`, else a warm start from `checkpoint.init_from`, else a
     fresh initialisation. Runs under `sharding.use(mesh, ...)`."""
-    from lmjax import checkpoint, step
 
     def restore_target(saved: checkpoint.Saved) -> step.State:
         what = f"the checkpoint at step {saved.step}"
+        # Checked again after `check_workdir`: this may be an older checkpoint than the newest
+        # (damaged) one, the vocabulary is now the data's, and the changes it allows are announced.
         for change in check_resume(saved.exp, exp, saved.step, what, str(workdir)):
             log(f"resuming with a changed setting: {change}")
         if saved.data["identity"] != corpus.identity:

@@ -145,19 +145,50 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Where batches live: rows over the mesh axes the rules give "batch", positions whole."""
+    return named(mesh, ("batch", None))
+
+
 def host_rows(
-    batch_sharding: jax.sharding.Sharding, batch_size: int, devices: Sequence | None = None
+    batch_sh: jax.sharding.Sharding, batch_size: int, devices: Sequence[jax.Device] | None = None
 ) -> np.ndarray:
-    """Rows of the global batch that `devices` (default: this process's) hold under `sharding`.
+    """Rows of the global batch that `devices` (default: this process's) hold under `batch_sh`.
 
     Read off the sharding itself, so a batch replicated over tensor axes that span hosts is
     loaded by each of those hosts."""
-    devices = batch_sharding.addressable_devices if devices is None else devices
-    index_map = batch_sharding.devices_indices_map((batch_size, 1))
+    devices = batch_sh.addressable_devices if devices is None else devices
+    index_map = batch_sh.devices_indices_map((batch_size, 1))
     rows = set()
     for d in devices:
         rows.update(range(*index_map[d][0].indices(batch_size)))
     return np.array(sorted(rows), np.int64)
+
+
+class BatchPlacement:
+    """A global batch of `batch_size` rows on `mesh`: the rows this host builds (`rows`, worked
+    out once) and how they become global arrays (`put`). Create it under `use(mesh, rules)`."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, batch_size: int):
+        self.sharding = batch_sharding(mesh)
+        self.batch_size = batch_size
+        self.rows = host_rows(self.sharding, batch_size)
+
+    def put(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows (`rows`, in that order) -> global arrays of `batch_size` rows."""
+        out = {}
+        for name, x_B in host_batch.items():
+            if len(x_B) != len(self.rows):
+                raise ValueError(f"{name} has {len(x_B)} rows; this host holds {len(self.rows)}")
+            shape = (self.batch_size, *x_B.shape[1:])
+            out[name] = jax.make_array_from_process_local_data(self.sharding, x_B, shape)
+        return out
+
+    def put_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A whole global batch, which every host holds -> global arrays (each host gives its rows)."""
+        if len(self.rows) == self.batch_size:  # one host, or every row on every host
+            return self.put(batch)
+        return self.put({name: x_B[self.rows] for name, x_B in batch.items()})
 
 
 def per_shard(

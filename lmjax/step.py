@@ -2,13 +2,12 @@
 
 The state is a plain dict `{"params", "opt_state", "step", "rng"}` of arrays; the model's structure
 lives in its `graphdef` (`nnx.split`), and the steps are pure functions over the state, jitted
-once with explicit in/out shardings and donation. Sharding is decided in `state_shardings`
-and `batch_sharding`, nowhere else.
+once with explicit in/out shardings and donation. The state's layout is decided in
+`state_shardings`; batches are laid out by `sharding.batch_sharding` (`sharding.BatchPlacement`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lmjax import config, model, optim, sharding
+from lmjax import config, loss, model, optim, sharding
 
-State = dict[str, Any]
+State = dict[str, Any]  # params: nnx.State, opt_state: optax.OptState, step and rng: jax.Array
 Batch = dict[str, jax.Array]
 
 
@@ -41,10 +40,6 @@ def state_shardings(
         tx, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: replicated
     )
     return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return sharding.named(mesh, ("batch", None))
 
 
 def init_state(
@@ -96,26 +91,6 @@ def _initial_state(exp: config.Experiment, tx: optax.GradientTransformation) -> 
     return init
 
 
-def put_batch(
-    batch: dict[str, np.ndarray], batch_sh: jax.sharding.NamedSharding, batch_size: int | None = None
-) -> Batch:
-    """This process's rows of a global batch of `batch_size` rows (`sharding.host_rows`, in
-    order) -> global device arrays. A whole global batch (the default) is sliced here."""
-    batch_size = batch_size or len(batch["inputs"])
-    rows = _process_rows(batch_sh, batch_size)
-    out = {}
-    for k, v in batch.items():
-        local = v[rows] if len(v) == batch_size and len(rows) < batch_size else v
-        out[k] = jax.make_array_from_process_local_data(batch_sh, local, (batch_size, *v.shape[1:]))
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _process_rows(batch_sh: jax.sharding.NamedSharding, batch_size: int) -> np.ndarray:
-    """`sharding.host_rows` for this process, worked out once per sharding, not every step."""
-    return sharding.host_rows(batch_sh, batch_size)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -132,7 +107,7 @@ def make_train_step(
         """(summed cross-entropy, summed logsumexp^2, count, gradients of the summed objective)."""
 
         def objective(p: nnx.State) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-            ce_sum, z_sum, count = model.loss_terms(nnx.merge(graphdef, p), batch)
+            ce_sum, z_sum, count = loss.loss_terms(nnx.merge(graphdef, p), batch)
             # z-loss (PaLM) pulls logsumexp towards 0; off, the objective is the cross-entropy alone.
             return (ce_sum + z_loss * z_sum if z_loss else ce_sum), (ce_sum, z_sum, count)
 
@@ -154,9 +129,6 @@ def make_train_step(
         # Sums over all tokens, divided once: accumulation equals the whole-batch step.
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        if exp.train.nan_at_step:  # a test of the non-finite stop
-            poison = jnp.where(state["step"] + 1 == exp.train.nan_at_step, jnp.nan, 1.0)
-            grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
             "params": optax.apply_updates(params, updates),
@@ -175,7 +147,7 @@ def make_train_step(
 
     return jax.jit(
         train_step,
-        in_shardings=(shardings, batch_sharding(mesh)),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -189,13 +161,13 @@ def make_eval_step(
     token_bytes_V = np.asarray(token_bytes_V, np.int32)
 
     def eval_step(params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-        loss_sum, count = model.loss_sums(nnx.merge(graphdef, params), batch)
+        loss_sum, count = loss.loss_sums(nnx.merge(graphdef, params), batch)
         target_bytes = jnp.where(batch["loss_mask"] > 0, jnp.asarray(token_bytes_V)[batch["targets"]], 0)
         return loss_sum, count, target_bytes.sum()
 
     return jax.jit(
         eval_step,
-        in_shardings=(param_shardings, batch_sharding(mesh)),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
 

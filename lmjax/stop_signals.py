@@ -7,14 +7,17 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # How long a second signal waits for the main thread to act on it before the process ends
 # anyway: Python runs signal handlers only between bytecodes, not inside a blocking call
 # (a step waiting on the device, a compile, a hung collective).
 BLOCKED_GRACE_S = 2.0
+# A signal's handler as `signal.signal` hands it back: a function, SIG_DFL or SIG_IGN (ints), or
+# None (one not set from Python).
+Handler = Callable[[int, FrameType | None], object] | int | None
 
 
 class StopRequests:
@@ -29,7 +32,7 @@ class StopRequests:
         self.requested = ""
         self.interrupted = False  # a second SIGINT was raised as KeyboardInterrupt
         self._handled = 0  # signals the main thread's handler has run for
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, Handler] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._previous_fd = -1
 

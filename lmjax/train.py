@@ -1,25 +1,22 @@
 """`python -m lmjax.train --experiment NAME_OR_PATH --workdir DIR [--set key=value ...]`
 
 Loads the experiment, applies overrides and checks them before jax is imported (a bad config
-exits 2 in well under a second), then builds the mesh, data, sharded state (resumed from DIR's
-newest checkpoint where there is one: resume.py) and jitted step, and trains, logging to
-DIR/metrics.jsonl and saving checkpoints (checkpoint.py).
+exits 2 in well under a second), then trains it in DIR (`lmjax.loop.run`): the mesh, data,
+sharded state (resumed from DIR's newest checkpoint where there is one) and jitted step, with
+metrics in DIR/metrics.jsonl and checkpoints in DIR/checkpoints.
+
+Exit status: 0 trained (or already done), 2 a setting or the workdir needs fixing, 3 the loss
+or gradient became non-finite (the last good checkpoint kept), 130 interrupted twice.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from lmjax import config
-from lmjax.atomic import write_atomic
 from lmjax.config import UserError
-from lmjax.flops import count_params
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,207 +33,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-_EVAL_LOGGED = ("eval_loss", "eval_perplexity", "eval_bpb")  # the numbers lmjax.evaluate writes
-
-
-class Diverged(Exception):
-    """The loss or gradient became non-finite: exit status 3, the last good checkpoint kept."""
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         exp = config.apply_overrides(config.load_experiment(args.experiment), args.set)
         config.validate(exp)
-        run(exp, Path(args.workdir))
+        return _train(exp, Path(args.workdir))
     except UserError as e:
-        print(f"lmjax: error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"lmjax: error: {e}", file=sys.stderr)
-        return 3
+        return _error(e, 2)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the newest complete checkpoint kept
         print("lmjax: interrupted", file=sys.stderr)
         return 130
+
+
+def _train(exp: config.Experiment, workdir: Path) -> int:
+    from lmjax import loop  # jax and the model stack: only once the config has passed
+
+    try:
+        loop.run(exp, workdir)
+    except loop.Diverged as e:
+        return _error(e, 3)
     return 0
 
 
-def run(exp: config.Experiment, workdir: Path) -> dict[str, Any]:
-    """Train `exp` in `workdir`, resuming from its newest checkpoint if it has one; returns the
-    last logged metrics and held-out results. Once training starts, SIGTERM/SIGINT stop it
-    after the current step with a checkpoint (stop_signals); before, nothing is lost to them."""
-    # jax and the model stack load only now, after the config has been checked.
-    if exp.train.xla_flags:
-        from lmjax import xla_flags
-
-        xla_flags.apply(log=_print)
-    from lmjax import distributed
-
-    distributed.initialize(exp.train.heartbeat_timeout_s, log=_print)  # before anything touches devices
-    import jax
-
-    from lmjax import checkpoint, evaluate, flops, optim, resume, sharding, step
-    from lmjax.data import cache, loader
-    from lmjax.metrics import Logger, StepTrace, Throughput
-    from lmjax.stop_signals import StopRequests
-
-    workdir = workdir.absolute()
-    sharding.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
-    ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
-    exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
-    # Process 0 builds the token cache first: on a shared file system the others then read it.
-    corpus = distributed.main_first(lambda: cache.load_or_build(exp.data, log=_print), "token cache")
-    distributed.require_same(
-        "corpus identity", corpus.identity, "give every host the same data files and data.* settings"
-    )
-    exp = resume.resolve_from_data(exp, corpus)
-    mesh = sharding.make_mesh(exp)  # checked again, now that the vocabulary is known
-    m, t = exp.model, exp.train
-    tx = optim.make(exp.optim, t.steps)
-    with sharding.use(mesh, exp.mesh.rules):
-        graphdef, state, shardings, saved = resume.start_state(exp, workdir, corpus, ckpts, tx, mesh, _print)
-    first = saved.step if saved else 0
-    _write_run_files(workdir, exp, corpus)
-    if first == t.steps:
-        _print(f"the run in {workdir} already reached train.steps={t.steps}; raise it to train on")
-        ckpts.close()
-        return {}
-
-    peak = flops.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
-    tokens_per_step = t.batch_size * m.seq_len
-    log = Logger(workdir, t.steps, first, t.progress, active=distributed.is_main(), tensorboard=t.tensorboard)
-    log.print(
-        f"{exp.name}: {m.flavour} {count_params(m) / 1e6:.1f}M params, mesh data x fsdp x tensor = "
-        f"{' x '.join(map(str, mesh.devices.shape))} on {jax.device_count()} {jax.default_backend()} devices"
-    )
-
-    with sharding.use(mesh, exp.mesh.rules), StopRequests() as stop:
-        train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        batch_sh = step.batch_sharding(mesh)
-        source = loader.TrainBatches(
-            corpus.splits("train"),
-            corpus.weights,
-            m.seq_len,
-            t.batch_size,
-            t.seed,
-            rows=sharding.host_rows(batch_sh, t.batch_size),
-        )
-        if saved:
-            source.set_state(saved.data["loader"])
-        # The next batch goes to the devices while a step runs; its state is that of the batch
-        # the next step takes, which is what a checkpoint must hold.
-        train_batches = loader.DevicePrefetch(source, lambda b: step.put_batch(b, batch_sh, t.batch_size))
-        held_out = evaluate.held_out(
-            exp, corpus, graphdef, shardings["params"], mesh, "validation", t.eval_batches
-        )
-        # `time` runs on from the last kept line of a resumed run (metrics.Logger.time_offset)
-        start, throughput = time.time() - log.time_offset, Throughput()
-        last: dict[str, Any] = {}
-
-        def settle(done: int, metrics: dict[str, jax.Array]) -> None:
-            """Read step `done`'s metrics (the device has the next step queued meanwhile), stop
-            on a non-finite loss or gradient, and log the steps that are logged."""
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                ckpts.wait()
-                raise Diverged(_diverged_message(done, values, ckpts.steps()))
-            compiled_here = done == first + 1 and t.steps > done  # this step holds the compilation
-            if done % t.log_every == 0 or done == t.steps:
-                tokens = done * tokens_per_step
-                record = {"step": done, **values, "tokens": tokens, "time": time.time() - start}
-                if not compiled_here:
-                    record["tokens_per_s"] = throughput.read(tokens)
-                    if peak:
-                        record["mfu"] = flops.mfu(record["tokens_per_s"], m, mesh.devices.size, peak)
-                log.write(record)
-                last.update(record)
-            if compiled_here:
-                throughput.restart(done * tokens_per_step)
-
-        pending = None  # (step, metrics) read one step late: the device is busy meanwhile
-        trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
-        every = exp.checkpoint.every
-        stop_vote = distributed.StopVote(mesh)
-        try:
-            for done in range(first + 1, t.steps + 1):
-                trace.before(done)
-                state, metrics = train_step(state, next(train_batches))
-                trace.after(done, metrics)
-                if pending:
-                    settle(*pending)
-                pending = (done, metrics)
-                log.advance()
-                save_due = (every and done % every == 0) or done == t.steps
-                evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-                stopping = done < t.steps and stop_vote(done, stop.requested)  # at the last step: finish
-                if done == first + 1 or save_due or evaluate_now or stopping:
-                    settle(*pending)  # a checkpoint is written only after its loss is known finite
-                    pending = None
-                    stopping = done < t.steps and stop_vote(done, stop.requested)  # a signal during that wait
-                if save_due or stopping:
-                    ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
-                if stopping:
-                    ckpts.wait()
-                    log.close()
-                    by = stop.requested or "a signal to another process"
-                    _print(
-                        f"stopped by {by} at step {done} of {t.steps}; saved in {ckpts.folder / str(done)}; "
-                        "run the same command to resume"
-                    )
-                    return last
-                if evaluate_now:
-                    scores = held_out(state["params"])
-                    last.update(scores)
-                    log.write({"step": done, **{k: scores[k] for k in _EVAL_LOGGED}})
-                    throughput.restart(done * tokens_per_step)
-        finally:
-            trace.stop()  # a trace an error cut short
-            if not stop.interrupted:  # a second Ctrl-C: out at once (an unfinished save is never taken)
-                _finish_saving(ckpts)
-        log.close()
-    _print(
-        f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "
-        f"{last['eval_bpb']:.4f} bits/byte ({workdir})"
-    )
-    return last
-
-
-def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int]) -> str:
-    kept = "no checkpoint was saved"
-    if saved_steps:
-        kept = f"the newest checkpoint, step {saved_steps[-1]}, is the last good state"
-    return (
-        f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}; stopped without "
-        f"saving it: {kept}. Lower optim.lr or raise optim.warmup_steps, then run again to resume"
-    )
-
-
-def _write_run_files(workdir: Path, exp: config.Experiment, corpus: Any) -> None:
-    """The resolved config (replaced whole, never half-written) and the tokenizer, by process 0."""
-    from lmjax import distributed
-
-    if not distributed.is_main():
-        return
-    write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
-    corpus.tokenizer.save(workdir / "tokenizer.model")
-
-
-def _print(message: str) -> None:
-    """Progress notes, from process 0 only (errors go through main, from every process)."""
-    from lmjax import distributed
-
-    if distributed.is_main():
-        print(message, file=sys.stderr)
-
-
-def _finish_saving(ckpts: Any) -> None:
-    """Let a save in flight (a good state) complete; a failure here is reported, not raised
-    over the error that ended the loop."""
-    try:
-        ckpts.wait()
-        ckpts.close()
-    except Exception as e:  # noqa: BLE001
-        _print(f"lmjax: warning: the last checkpoint save failed: {type(e).__name__}: {e}")
+def _error(e: Exception, status: int) -> int:
+    print(f"lmjax: error: {e}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 An unknown flag in `XLA_FLAGS` aborts the process when the backend starts, and flags come and
 go between jaxlib releases, so the flags are first tried in a short-lived process that starts
-jax's CPU backend with them (it parses every XLA flag, GPU ones included: ~0.5 s). Nothing here
-imports jax: XLA reads `XLA_FLAGS` once, when the backend initialises, so this runs before.
+jax's CPU backend with them (it parses every XLA flag, GPU ones included). XLA reads `XLA_FLAGS`
+once, when the backend initialises (not when jax is imported), so `apply` runs before anything
+touches a device.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def accepted(flags: Sequence[str]) -> list[str]:
 
 def _starts_with(flags: Sequence[str]) -> bool:
     env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
-    probe = "from jax._src import xla_bridge; xla_bridge.get_backend('cpu')"
+    probe = "import jax; jax.devices('cpu')"
     try:
         done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120)
     except subprocess.TimeoutExpired:

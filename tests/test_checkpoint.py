@@ -22,6 +22,7 @@ import pytest
 from conftest import metrics_of, tiny_train_argv
 
 from lmjax import checkpoint, config, sharding, step
+from lmjax.data import loader
 from lmjax.train import main
 
 STEPS, EVERY = 24, 4
@@ -339,15 +340,32 @@ def _adamw(exp):
     return optim.make(exp.optim, exp.train.steps)
 
 
+def poison_step(monkeypatch, nan_at: int) -> None:
+    """The batch of step `nan_at` (of a fresh run) gets a NaN loss mask: that step's loss and
+    gradient are non-finite, as a diverging run's would be."""
+    next_batch, taken = loader.TrainBatches.__next__, [0]
+
+    def poisoned(self):
+        batch = next_batch(self)
+        taken[0] += 1
+        if taken[0] == nan_at:
+            batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+        return batch
+
+    monkeypatch.setattr(loader.TrainBatches, "__next__", poisoned)
+
+
 @pytest.mark.parametrize("nan_at", [7, 8])  # read one step late; read at once before a save
-def test_a_non_finite_gradient_stops_before_its_checkpoint(tmp_path, capsys, nan_at):
-    assert main(argv(tmp_path, f"train.steps={STEPS}", f"train.nan_at_step={nan_at}")) == 3
+def test_a_non_finite_gradient_stops_before_its_checkpoint(tmp_path, capsys, monkeypatch, nan_at):
+    poison_step(monkeypatch, nan_at)
+    assert main(argv(tmp_path, f"train.steps={STEPS}")) == 3
     err = capsys.readouterr().err
     assert f"gradient norm nan at step {nan_at}; stopped without saving it" in err
     assert "the newest checkpoint, step 4, is the last good state" in err
     assert checkpoint.Checkpoints(tmp_path).steps() == [4]  # not 8, which step 8 reached
     assert max(losses(tmp_path)) == nan_at - 1
 
+    monkeypatch.undo()
     assert main(argv(tmp_path, "train.steps=12")) == 0  # without the poison, it trains on
     assert "resuming from step 4" in capsys.readouterr().err
 
@@ -409,8 +427,10 @@ def test_a_run_at_its_last_step_has_nothing_to_do(finished, capsys):
     assert f"already reached train.steps={STEPS}" in capsys.readouterr().err
 
 
-def test_a_workdir_without_checkpoint_keeps_its_model(tmp_path, capsys):
-    assert main(argv(tmp_path, "train.steps=2", "checkpoint.every=0", "train.nan_at_step=1")) == 3
+def test_a_workdir_without_checkpoint_keeps_its_model(tmp_path, capsys, monkeypatch):
+    poison_step(monkeypatch, 1)
+    assert main(argv(tmp_path, "train.steps=2", "checkpoint.every=0")) == 3
+    monkeypatch.undo()
     assert not (tmp_path / "checkpoints").exists() and (tmp_path / "config.json").exists()
     capsys.readouterr()
     assert main(argv(tmp_path, "train.steps=2", "model.d_model=64")) == 2

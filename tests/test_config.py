@@ -1,15 +1,18 @@
 """Overrides parse by type; every bad config exits 2 with one line, before jax compiles."""
 
+import dataclasses
 import importlib
 import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from lmjax import config, resume, sharding
+from lmjax import config, resume, sharding, typed
+from lmjax.attention import dispatch
 from lmjax.config import UserError
 from lmjax.train import main
 
@@ -77,7 +80,7 @@ BAD = [
     (["--set", "mesh.tensor=8", "--set", "mesh.data=1"], "mesh.tensor=8 does not divide model.n_heads=6"),
     (["--set", "data.source=files", "--set", "data.path=/nonexistent/corpus"], "matches no files"),
     (["--set", "data.source=files"], "data.source=files needs data.path"),
-    (["--set", "data.source=hdf5"], "data.source='hdf5': use one of stdlib, files, jsonl, parquet, tfds"),
+    (["--set", "data.source=hdf5"], "data.source='hdf5': use stdlib|files|jsonl|parquet|tfds|mixture"),
     (["--set", "data.source=jsonl"], "data.source=jsonl needs data.path"),
     (["--set", "data.source=tfds"], "data.source=tfds needs data.name"),
     (["--set", "data.source=mixture"], "data.source=mixture needs data.mixture"),
@@ -87,16 +90,16 @@ BAD = [
     ),
     (
         ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "stdlib", "wieght": 1}]'],
-        "data.mixture: unknown source fields ['wieght']",
+        "data.mixture[0]: unknown Source fields ['wieght']; use ['field', 'name', 'path', 'source',",
     ),
     (["--set", "data.source=tfds", "--set", "data.name=no_such_dataset_xyz"], "unknown TFDS dataset"),
     (
         ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "stdlib", "weight": "x"}]'],
-        "data.mixture: weight='x' is not a float",
+        "data.mixture[0].weight='x' is not a valid float",
     ),
     (
         ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "jsonl", "path": 5}]'],
-        "data.mixture: path=5 is not a str",
+        "data.mixture[0].path=5 is not a valid str",
     ),
     (["--set", "model.n_kv_heads=-1"], "model.n_kv_heads=-1 must be >= 0"),
     (["--set", "model.d_ff=-5"], "model.d_ff=-5 must be >= 0"),
@@ -111,6 +114,29 @@ BAD = [
         "checkpoint.keep_every=700 is not a multiple of checkpoint.every=500",
     ),
     (["--set", "checkpoint.keep=0"], "checkpoint.keep=0 must be positive"),
+    (["--set", "model.remat=bad"], "model.remat='bad': use none|full|dots|named"),
+    (["--set", 'model.remat_names=["qkv", "kv"]'], "model.remat_names[1]='kv': use qkv|attn_out|mlp_in"),
+    (["--set", "model.attention=flash"], "model.attention='flash': use auto|xla|cudnn|cudnn_packed|pallas|"),
+    (["--set", "optim.lr=inf"], "optim.lr=inf is not finite; give a finite number"),
+    (["--set", "optim.lr=nan"], "optim.lr=nan is not finite; give a finite number"),
+    (["--set", "model.z_loss=-inf"], "model.z_loss=-inf is not finite; give a finite number"),
+    (
+        ["--set", "data.source=mixture", "--set", 'data.mixture=[{"source": "stdlib", "weight": Infinity}]'],
+        "data.mixture[0].weight=inf is not finite",
+    ),
+    (["--set", "optim.decay_fraction=1.5"], "optim.decay_fraction=1.5 must be in [0, 1]"),
+    (["--set", "optim.min_lr_ratio=-0.1"], "optim.min_lr_ratio=-0.1 must be in [0, 1]"),
+    (["--set", "optim.muon_momentum=1"], "optim.muon_momentum=1.0 must be in [0, 1)"),
+    (["--set", "data.validation_percent=50"], "data.validation_percent=50.0 must be in (0, 50)"),
+    (["--set", "data.validation_percent=0"], "data.validation_percent=0.0 must be in (0, 50)"),
+    (["--set", "model.vocab_size=-1"], "model.vocab_size=-1 must be >= 0"),
+    (["--set", "data.tokenizer_sample_bytes=0"], "data.tokenizer_sample_bytes=0 must be positive"),
+    (["--set", "train.profile_steps=[1, 2.5]"], "train.profile_steps[1]=2.5 is not a valid int"),
+    (["--set", 'mesh.rules=[["batch"]]'], "mesh.rules[0]=('batch',) is not a valid"),
+    (
+        ["--set", f"mesh.rules={json.dumps([('batch', 'dat'), *config.Mesh.rules[1:]])}"],
+        "mesh.rules maps 'batch' to 'dat'; use data, fsdp, tensor",
+    ),
 ]
 
 
@@ -242,3 +268,94 @@ def test_a_saved_config_read_back_resumes_without_changes():
             "the checkpoint",
             "D",
         )
+
+
+def _choice_fields(cls: type = config.Experiment, prefix: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """(--set key, choices) of every section field whose type is a Literal."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out += _choice_fields(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is typing.Literal:
+            out.append((f"{prefix}{name}", typing.get_args(hint)))
+    return out
+
+
+CHOICES = _choice_fields()
+
+
+def test_choice_fields_are_found():
+    keys = {key for key, _ in CHOICES}
+    assert {"model.flavour", "model.remat", "model.attention", "data.source", "optim.schedule"} <= keys
+
+
+@pytest.mark.parametrize("key,choices", CHOICES, ids=[k for k, _ in CHOICES])
+def test_every_choice_is_taken_and_others_refused(key, choices):
+    exp = config.load_experiment("stdlib_tiny")
+    section, field = key.split(".")
+    for choice in choices:
+        assert getattr(getattr(config.apply_overrides(exp, [f"{key}={choice}"]), section), field) == choice
+    with pytest.raises(UserError) as e:
+        config.apply_overrides(exp, [f"{key}=bogus"])
+    assert str(e.value) == f"{key}='bogus': use {'|'.join(choices)}"
+
+
+def test_every_attention_choice_is_an_implementation():
+    """dispatch runs exactly the kinds the config offers: each resolves, an unknown one is refused."""
+    kinds = typing.get_args(config.Attention)
+    assert dispatch.IMPLEMENTATIONS == kinds
+    resolved = {dispatch.resolve(kind, (1, 128, 4, 64), "float32", True, backend="cpu") for kind in kinds}
+    assert resolved == set(kinds) - {"auto"}
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        dispatch.resolve("flash", (1, 128, 4, 64), "float32", True, backend="cpu")
+
+
+def _replace(exp: config.Experiment, section: str, **changes) -> config.Experiment:
+    return dataclasses.replace(exp, **{section: dataclasses.replace(getattr(exp, section), **changes)})
+
+
+@pytest.mark.parametrize(
+    "section,changes,message",
+    [
+        ("model", {"remat": "bad"}, "model.remat='bad': use none|full|dots|named"),
+        ("model", {"remat_names": ("qkv", "kv")}, "model.remat_names[1]='kv': use qkv|attn_out|mlp_in"),
+        ("model", {"dtype": "float64"}, "model.dtype='float64': use float32|bfloat16|float16"),
+        ("optim", {"lr": float("inf")}, "optim.lr=inf is not finite; give a finite number"),
+        ("optim", {"b1": 1.0}, "optim.b1=1.0 must be in [0, 1)"),
+        ("train", {"steps": "100"}, "train.steps='100' is not a valid int; give a int value"),
+        ("train", {"steps": True}, "train.steps=True is not a valid int"),
+        ("model", {"tie_embeddings": "yes"}, "model.tie_embeddings='yes' is not a valid bool | None"),
+        (
+            "data",
+            {"mixture": (config.Source(source="csv"),), "source": "mixture"},
+            "data.mixture[0].source='csv'",
+        ),
+        ("data", {"mixture": ({"source": "stdlib"},), "source": "mixture"}, "data.mixture[0]={'source'"),
+    ],
+)
+def test_values_set_in_an_experiment_file_are_checked(section, changes, message):
+    """Not only --set: validate walks every field of what config() returned."""
+    with pytest.raises(UserError) as e:
+        config.validate(_replace(config.load_experiment("stdlib_tiny"), section, **changes))
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_between_describes_its_range():
+    assert [str(b) for b in (typed.Positive, typed.NonNegative, typed.Between(0, 1, closed_right=False))] == [
+        "positive",
+        ">= 0",
+        "in [0, 1)",
+    ]
+    assert typed.Between(0, 50, closed_left=False, closed_right=False).holds(49.9)
+    assert not typed.Between(0, 50, closed_left=False, closed_right=False).holds(0)
+
+
+def test_a_config_json_with_a_setting_no_longer_read_still_loads():
+    """Older runs saved a train.nan_at_step setting, which is read and ignored: they still resume."""
+    exp = config.load_experiment("stdlib_tiny")
+    saved = config.to_dict(exp)
+    saved["train"]["nan_at_step"] = 0
+    assert config.from_dict(json.loads(json.dumps(saved))) == exp
+    saved["train"]["nan_at_stepz"] = 0
+    with pytest.raises(ValueError, match=r"train: unknown Train fields \['nan_at_stepz'\]"):
+        config.from_dict(saved)

@@ -22,7 +22,7 @@ def _uniform_scores(corpus, batches, devices):
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, optim.make(exp.optim, 1), mesh)
         eval_step = step.make_eval_step(graphdef, shardings["params"], mesh, corpus.tokenizer.token_bytes())
-        held_out = evaluate.HeldOut(batches, eval_step, step.batch_sharding(mesh), 8)
+        held_out = evaluate.HeldOut(batches, eval_step, sharding.BatchPlacement(mesh, 8))
         return held_out(jax.tree.map(jnp.zeros_like, state["params"]))
 
 

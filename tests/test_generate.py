@@ -36,11 +36,11 @@ def test_cached_decoding_equals_the_full_forward_pass(flavour, devices, sets):
     reference = model.Transformer(exp.model, rngs=nnx.Rngs(0))
     full = [np.asarray(reference(jnp.asarray(s)[None])[0, :, :256]) for s in seqs]
 
-    P = max(p for p, _ in ROWS)
-    prompts_BP = np.zeros((len(ROWS), P), np.int32)
-    start_B = np.array([P - p for p, _ in ROWS], np.int32)
+    T = max(p for p, _ in ROWS)
+    prompts_BT = np.zeros((len(ROWS), T), np.int32)
+    start_B = np.array([T - p for p, _ in ROWS], np.int32)
     for b, (p, _) in enumerate(ROWS):
-        prompts_BP[b, start_B[b] :] = seqs[b][:p]
+        prompts_BT[b, start_B[b] :] = seqs[b][:p]
     mesh = sharding.make_mesh(exp, jax.devices()[:devices])
     graphdef, params = nnx.split(reference)
 
@@ -50,12 +50,12 @@ def test_cached_decoding_equals_the_full_forward_pass(flavour, devices, sets):
 
     with sharding.use(mesh, exp.mesh.rules):
         params = jax.device_put(params, sharding.state_shardings(params, mesh))
-        cache = jax.jit(lambda s: model.init_cache(exp.model, s, P + 4))(jnp.asarray(start_B))
-        logits_BTV, cache = decode(params, jnp.asarray(prompts_BP), cache)
+        cache = jax.jit(lambda s: model.init_cache(exp.model, s, T + 4))(jnp.asarray(start_B))
+        logits_BTV, cache = decode(params, jnp.asarray(prompts_BT), cache)
         laid_out = sharding.named(mesh, ("layers", "act_batch", None, "act_kv_heads", None))
         assert cache.k_LBSKE.sharding.is_equivalent_to(laid_out, 5)  # like the activations
         for b, (p, _) in enumerate(ROWS):
-            np.testing.assert_allclose(logits_BTV[b, P - p :, :256], full[b][:p], atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(logits_BTV[b, T - p :, :256], full[b][:p], atol=2e-5, rtol=2e-5)
         for t in range(4):
             tokens_B1 = np.array([[s[p + t]] for s, (p, _) in zip(seqs, ROWS, strict=True)], np.int32)
             logits_BTV, cache = decode(params, jnp.asarray(tokens_B1), cache)

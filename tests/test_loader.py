@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import two_corpora
 
-from lmjax import config, sharding, step
+from lmjax import config, sharding
 from lmjax.data import cache, loader
 
 
@@ -123,7 +123,7 @@ def test_simulated_hosts_read_their_rows_and_together_cover_the_batch(
     exp = config.Experiment(mesh=config.Mesh(data=data, fsdp=fsdp, tensor=tensor))
     mesh = sharding.make_mesh(exp)
     with sharding.use(mesh, exp.mesh.rules):
-        batch_sh = step.batch_sharding(mesh)
+        batch_sh = sharding.batch_sharding(mesh)
     devices = list(mesh.devices.flat)
     owner = [i * hosts // 8 if placement == "blocks" else i % hosts for i in range(8)]
     rows = [

@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ from conftest import synthetic_batch, tiny_experiment
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals  # public only as print_saved_residuals
 
-from lmjax import config, flops, model
+from lmjax import config, flops, loss, model
 
 FLAVOURS = ["gpt2", "llama"]
 
@@ -93,7 +94,7 @@ def test_scan_remat_and_unrolled_agree(flavour):
 
     def loss_and_grads(cfg):
         gd = nnx.split(model.Transformer(cfg, rngs=nnx.Rngs(0)))[0]
-        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        f = lambda p: loss.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
         return jax.value_and_grad(f)(params)
 
     want_loss, want_grads = loss_and_grads(base.cfg)
@@ -106,8 +107,8 @@ def test_scan_remat_and_unrolled_agree(flavour):
         {"loss_chunk": 8},
         {"loss_chunk": 16, "remat": "full", "scan_layers": True},
     ]:
-        loss, grads = loss_and_grads(dataclasses.replace(base.cfg, **changes))
-        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        got_loss, grads = loss_and_grads(dataclasses.replace(base.cfg, **changes))
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want_grads)
 
 
@@ -119,13 +120,13 @@ def test_remat_policies_change_what_is_saved():
 
     def saved(**changes):
         gd = nnx.split(model.Transformer(dataclasses.replace(base.cfg, **changes), rngs=nnx.Rngs(0)))[0]
-        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        f = lambda p: loss.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
         residuals = saved_residuals(f, params)
         return sum(int(np.prod(shape.shape)) for shape, _ in residuals)
 
     none, full = saved(), saved(remat="full")
-    each = {name: saved(remat="named", remat_names=(name,)) for name in config.REMAT_NAMES}
-    everything = saved(remat="named", remat_names=config.REMAT_NAMES)
+    each = {name: saved(remat="named", remat_names=(name,)) for name in typing.get_args(config.RematName)}
+    everything = saved(remat="named", remat_names=typing.get_args(config.RematName))
     assert all(full < n < everything for n in each.values()), each  # every tag is reachable
     assert everything <= none
 
@@ -139,7 +140,7 @@ def test_chunked_loss_never_builds_whole_batch_logits():
 
     def saved_shapes(**changes):
         gd = nnx.split(model.Transformer(dataclasses.replace(base.cfg, **changes), rngs=nnx.Rngs(0)))[0]
-        f = lambda p: model.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
+        f = lambda p: loss.loss_sums(nnx.merge(gd, p), batch)[0]  # noqa: E731
         return [tuple(shape.shape) for shape, _ in saved_residuals(f, params)]
 
     def logits_sized(shapes):  # saved arrays with a vocabulary axis, beyond the head itself
@@ -167,7 +168,7 @@ def test_loss_sums_by_hand():
     m = _model("gpt2")
     nnx.update(m, jax.tree.map(jnp.zeros_like, nnx.state(m, nnx.Param)))
     batch = synthetic_batch(2, 32, 256)
-    loss_sum, count = model.loss_sums(m, {k: jnp.asarray(v) for k, v in batch.items()})
+    loss_sum, count = loss.loss_sums(m, {k: jnp.asarray(v) for k, v in batch.items()})
     assert float(count) == batch["loss_mask"].sum() < 64
     np.testing.assert_allclose(float(loss_sum), float(count) * np.log(256), rtol=1e-5)
 
@@ -197,9 +198,9 @@ def test_cross_entropy_gradient_is_autodiffs(dtype):
 
         return objective
 
-    got_sums, want_sums = model.cross_entropy_sums(logits, targets, mask), plain(logits, targets, mask)
+    got_sums, want_sums = loss.cross_entropy_sums(logits, targets, mask), plain(logits, targets, mask)
     np.testing.assert_allclose(np.array(got_sums), np.array(want_sums), rtol=1e-6)
-    got = jax.grad(weighted(model.cross_entropy_sums))(logits)
+    got = jax.grad(weighted(loss.cross_entropy_sums))(logits)
     want = jax.grad(weighted(plain))(logits)
     assert got.dtype == logits.dtype
     tol = 1e-6 if dtype == "float32" else 1e-2
@@ -216,7 +217,7 @@ def test_unrolled_layers_gradient_equals_scanned():
     def grads(scan):
         g = nnx.merge(graphdef, params)
         g.cfg = dataclasses.replace(g.cfg, scan_layers=scan)
-        return jax.grad(lambda p: model.loss_sums(nnx.merge(nnx.graphdef(g), p), batch)[0])(params)
+        return jax.grad(lambda p: loss.loss_sums(nnx.merge(nnx.graphdef(g), p), batch)[0])(params)
 
     for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=2e-4, atol=1e-6)

@@ -224,10 +224,11 @@ def test_coordinator_exchanges(tmp_path, values, codes):
 
 
 # Each process loads its rows of the first batches (mesh fsdp=4 x tensor=2: the tensor pairs
-# inside a process, so each holds half the rows), and reports the mesh's process layout.
+# inside a process, so each holds half the rows), places them, and reports the mesh's process
+# layout.
 LOAD_ROWS = """
 import sys, numpy as np
-from lmjax import config, distributed, sharding, step
+from lmjax import config, distributed, sharding
 from lmjax.data import cache, loader
 distributed.initialize(heartbeat_timeout_s=30)
 import jax
@@ -235,13 +236,21 @@ exp = config.apply_overrides(config.load_experiment("stdlib_tiny"), sys.argv[2:]
 corpus = cache.load_or_build(exp.data, log=lambda m: None)
 mesh = sharding.make_mesh(exp)
 with sharding.use(mesh, exp.mesh.rules):
-    rows = sharding.host_rows(step.batch_sharding(mesh), exp.train.batch_size)
+    placement = sharding.BatchPlacement(mesh, exp.train.batch_size)
+rows = placement.rows
 t, seq_len = exp.train, exp.model.seq_len
 splits = corpus.splits("train")
 batches = loader.TrainBatches(splits, corpus.weights, seq_len, t.batch_size, t.seed, rows=rows)
 out = {"rows": rows, "processes": np.vectorize(lambda d: d.process_index)(mesh.devices)}
-for i in range(3):
-    out.update({f"{k}{i}": v for k, v in next(batches).items()})
+host_batches = [next(batches) for _ in range(3)]
+for i, host_batch in enumerate(host_batches):
+    out.update({f"{k}{i}": v for k, v in host_batch.items()})
+# This host's rows and the whole batch place the same global arrays: each device gets its rows.
+whole = next(loader.TrainBatches(splits, corpus.weights, seq_len, t.batch_size, t.seed))
+for placed in (placement.put(host_batches[0]), placement.put_global(whole)):
+    for k, array in placed.items():
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[k][shard.index])
 np.savez(f"{sys.argv[1]}/p{jax.process_index()}.npz", **out)
 """
 

@@ -206,6 +206,14 @@ def test_cpu_wall_time_is_the_hosts():
     assert one.hours is not None and four.hours == pytest.approx(one.hours)
 
 
+def test_a_record_whose_model_saw_the_future_is_not_a_speed():
+    # llama_1b's H100 record ended at loss 0.046 on random tokens (ln V = 10.4): not a causal model.
+    _, _, source = plan.mfu_estimate(plan.resolve("llama_1b", []), hardware.parse("1xH100"))
+    assert "llama_1b" not in source
+    _, _, source = plan.mfu_estimate(plan.resolve("gpt2_124m", []), hardware.parse("1xH100"))
+    assert "throughput-gpt2_124m-gpu1.json" in source  # its own record, whose loss stayed near ln V
+
+
 def test_bad_devices_is_one_line_exit_2(capsys):
     assert plan.main(["--experiment", "stdlib_tiny", "--devices", "9xfoo"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

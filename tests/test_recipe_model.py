@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_batch, tiny_experiment
 from flax import nnx
 
-from lmjax import config, model, sharding, step
+from lmjax import config, loss, model, sharding, step
 
 FLAVOURS = ["gpt2", "llama"]
 V = 256  # tiny_experiment's vocabulary (padded_vocab is 256 too)
@@ -92,7 +92,7 @@ def test_options_off_leave_parameters_logits_and_loss_unchanged(flavour):
 
     z = _same_params_as(dataclasses.replace(default.cfg, z_loss=0.1), default)
     np.testing.assert_array_equal(z(batch["inputs"]), default(batch["inputs"]))
-    np.testing.assert_array_equal(model.loss_sums(z, batch), model.loss_sums(default, batch))
+    np.testing.assert_array_equal(loss.loss_sums(z, batch), loss.loss_sums(default, batch))
 
 
 # --- mlp -----------------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def test_swiglu_in_the_gpt2_flavour():
     w = {k: np.asarray(p[k]) for k in ("w_gate", "w_up", "w_down")}
     want = (_silu(h @ w["w_gate"]) * (h @ w["w_up"])) @ w["w_down"]
     np.testing.assert_allclose(model._mlp(m.cfg, jnp.asarray(h), p), want, rtol=1e-5, atol=1e-6)
-    loss, count = model.loss_sums(m, _batch())
-    assert np.isfinite(loss) and count > 0
+    ce_sum, count = loss.loss_sums(m, _batch())
+    assert np.isfinite(ce_sum) and count > 0
 
 
 # --- qk_norm -------------------------------------------------------------------------------------
@@ -259,9 +259,9 @@ def test_softcap_squashes_the_logits_everywhere():
     lse = jax.nn.logsumexp(got[..., :200], axis=-1)
     target = np.take_along_axis(got, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     want = float(((lse - target) * batch["loss_mask"]).sum())
-    np.testing.assert_allclose(model.loss_sums(capped, batch)[0], want, rtol=1e-5)
+    np.testing.assert_allclose(loss.loss_sums(capped, batch)[0], want, rtol=1e-5)
     chunked = _same_params_as(dataclasses.replace(capped.cfg, loss_chunk=8), capped)
-    np.testing.assert_allclose(model.loss_sums(chunked, batch)[0], want, rtol=1e-5)
+    np.testing.assert_allclose(loss.loss_sums(chunked, batch)[0], want, rtol=1e-5)
 
     bf16 = _same_params_as(dataclasses.replace(capped.cfg, dtype="bfloat16"), capped)
     logits16 = bf16(batch["inputs"])
@@ -287,7 +287,8 @@ def _step_once(exp: config.Experiment, batch_np: dict[str, np.ndarray]):
     with sharding.use(mesh, exp.mesh.rules):
         _, state, _ = step.init_state(exp, tx, mesh)
         params0 = jax.device_get(state["params"])
-        state, metrics = train_step(state, step.put_batch(batch_np, step.batch_sharding(mesh)))
+        placed = sharding.BatchPlacement(mesh, exp.train.batch_size).put_global(batch_np)
+        state, metrics = train_step(state, placed)
     return graphdef, params0, jax.device_get(metrics), jax.device_get(state["opt_state"].trace)
 
 
@@ -332,7 +333,8 @@ def test_z_loss_step_follows_ce_plus_z_lse_squared(z_loss_step):
     with sharding.use(mesh, exp.mesh.rules):
         param_sh = sharding.state_shardings(step.abstract_model(exp.model)[1], mesh)
         eval_step = step.make_eval_step(graphdef, param_sh, mesh, np.ones(V))
-        eval_sum, eval_count, _ = eval_step(params0, step.put_batch(batch_np, step.batch_sharding(mesh)))
+        placed = sharding.BatchPlacement(mesh, exp.train.batch_size).put_global(batch_np)
+        eval_sum, eval_count, _ = eval_step(params0, placed)
     np.testing.assert_allclose(eval_sum, ce_sum, rtol=1e-6)
     assert eval_count == count
 
@@ -368,11 +370,11 @@ def test_every_option_on_2x2x2_equals_one_device():
     graphdef, params = nnx.split(m)
     batch = _batch(B=4)
     chunked = nnx.split(model.Transformer(dataclasses.replace(m.cfg, loss_chunk=16), rngs=nnx.Rngs(0)))[0]
-    want = jax.jit(lambda p, b: model.loss_terms(nnx.merge(graphdef, p), b))(params, batch)
+    want = jax.jit(lambda p, b: loss.loss_terms(nnx.merge(graphdef, p), b))(params, batch)
 
     mesh = sharding.make_mesh(exp)
     with sharding.use(mesh, exp.mesh.rules):
         placed = jax.device_put(params, sharding.state_shardings(params, mesh))
-        rows = jax.device_put(batch, step.batch_sharding(mesh))
-        got = jax.jit(lambda p, b: model.loss_terms(nnx.merge(chunked, p), b))(placed, rows)
+        rows = jax.device_put(batch, sharding.batch_sharding(mesh))
+        got = jax.jit(lambda p, b: loss.loss_terms(nnx.merge(chunked, p), b))(placed, rows)
     np.testing.assert_allclose(got, want, rtol=1e-5)

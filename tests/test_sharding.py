@@ -21,8 +21,9 @@ def two_steps(exp, devices=None):
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.init_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        state, metrics = train_step(state, step.put_batch(batch, step.batch_sharding(mesh)))
-        state, metrics = train_step(state, step.put_batch(batch, step.batch_sharding(mesh)))
+        placement = sharding.BatchPlacement(mesh, exp.train.batch_size)
+        state, metrics = train_step(state, placement.put_global(batch))
+        state, metrics = train_step(state, placement.put_global(batch))
     return jax.device_get(metrics), jax.device_get(state["params"]), state
 
 
@@ -104,3 +105,20 @@ def test_accumulation_equals_whole_batch():
         _mesh(tiny_experiment("gpt2", "train.batch_size=32", "train.microbatches=4"), (8, 1, 1))
     )[:2]
     _assert_same(accumulated, whole)
+
+
+def test_batch_placement_puts_this_hosts_rows():
+    """One host holds every row: `put` takes exactly those, `put_global` the same batch whole."""
+    exp = _mesh(tiny_experiment("gpt2"), (2, 2, 2))
+    mesh = sharding.make_mesh(exp)
+    batch = synthetic_batch(8, exp.model.seq_len, exp.model.vocab_size)
+    with sharding.use(mesh, exp.mesh.rules):
+        placement = sharding.BatchPlacement(mesh, 8)
+        placed = placement.put_global(batch)
+        with pytest.raises(ValueError, match="inputs has 4 rows; this host holds 8"):
+            placement.put({k: v[:4] for k, v in batch.items()})
+    np.testing.assert_array_equal(placement.rows, np.arange(8))
+    assert placement.sharding.spec == P(("data", "fsdp"), None)
+    for k, v in batch.items():
+        assert placed[k].sharding == placement.sharding
+        np.testing.assert_array_equal(np.asarray(placed[k]), v)

@@ -1,6 +1,8 @@
 """XLA flags: only when the user set none, only flags a fresh jax process accepts, said aloud."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +41,12 @@ def test_the_users_flags_win_and_cpu_gets_none(clean_env):
     assert xla_flags.expected_backend() == "cpu"
     assert xla_flags.apply(log=lambda m: None) == []
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_flags_set_after_importing_jax_reach_the_backend(clean_env):
+    """XLA reads XLA_FLAGS when the backend starts, not when jax is imported: modules import jax at
+    the top, and `apply` (after those imports) still comes in time."""
+    probe = f"import os, jax, lmjax.distributed; os.environ['XLA_FLAGS'] = {BOGUS!r}; jax.devices('cpu')"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, timeout=120)
+    assert done.returncode != 0 and BOGUS.encode() in done.stderr  # the flag reached XLA

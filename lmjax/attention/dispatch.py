@@ -1,9 +1,9 @@
 """Causal self-attention with segment ids: one entry point, several implementations.
 
-Shapes: q_BTHD (H query heads), k_BTKD / v_BTKD (K key/value heads, H % K == 0: grouped-query
-attention), D the head dim. `segment_ids_BT` (int32, >= 1, non-decreasing along T) marks packed
-documents; a token attends only to earlier-or-same tokens of its own segment. No implementation
-ignores segment ids: one that cannot honour them raises ValueError.
+Queries q_BTHE, keys and values k_BTKE / v_BTKE, H % K == 0 (grouped-query attention); shape
+letters: the package docstring (`lmjax`). `segment_ids_BT` (int32, >= 1, non-decreasing along T)
+marks packed documents; a token attends only to earlier-or-same tokens of its own segment. No
+implementation ignores segment ids: one that cannot honour them raises ValueError.
 
 Implementations (`model.attention`):
     reference     fp32 einsum; the yardstick the others are tested against.
@@ -28,51 +28,53 @@ Which one "auto" picks, by card (`resolve` implements this table):
     cpu      any        any          -                          xla
 
 A shape a kernel cannot take falls through to the next kernel that can, then to xla: cuDNN wants
-D % 8 == 0 and D <= 128 (256 from Hopper on), Triton T % 16 == 0 and D >= 16. A GPU without a
+E % 8 == 0 and E <= 128 (256 from Hopper on), Triton T % 16 == 0 and E >= 16. A GPU without a
 CUDA compute capability (ROCm) gets xla.
 """
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 
-from lmjax import sharding
+from lmjax import config, sharding
 from lmjax.attention import kernels
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "cudnn_packed", "pallas", "splash", "reference")
+IMPLEMENTATIONS = typing.get_args(config.Attention)
 
 Capability = tuple[int, int]
 
 
 def attention(
-    q_BTHD: jax.Array,
-    k_BTKD: jax.Array,
-    v_BTKD: jax.Array,
+    q_BTHE: jax.Array,
+    k_BTKE: jax.Array,
+    v_BTKE: jax.Array,
     segment_ids_BT: jax.Array | None = None,
     *,
     implementation: str = "auto",
     max_segments: int = 0,
 ) -> jax.Array:
-    """Causal attention; returns o_BTHD in q's dtype. `max_segments`: documents per row the
+    """Causal attention; returns o_BTHE in q's dtype. `max_segments`: documents per row the
     cuDNN packed kernel is sized for (0: the most lmjax's packer can put in a row)."""
     segmented = segment_ids_BT is not None
-    impl = resolve(implementation, q_BTHD.shape, q_BTHD.dtype, segmented, kv_heads=k_BTKD.shape[2])
+    impl = resolve(implementation, q_BTHE.shape, q_BTHE.dtype, segmented, kv_heads=k_BTKE.shape[2])
     if impl == "reference":
-        return reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+        return reference(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
     if impl == "xla":
-        return _xla(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+        return _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
     if impl == "cudnn" or segment_ids_BT is None and impl == "cudnn_packed":
-        return _cudnn(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+        return _cudnn(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
     if impl == "cudnn_packed":
-        M = max_segments or kernels.max_packed_segments(q_BTHD.shape[1])
-        return kernels.cudnn_packed(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, M)
+        M = max_segments or kernels.max_packed_segments(q_BTHE.shape[1])
+        return kernels.cudnn_packed(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, M)
     return _per_shard(
-        kernels.pallas if impl == "pallas" else kernels.splash, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT
+        kernels.pallas if impl == "pallas" else kernels.splash, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT
     )
 
 
-def _per_shard(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT):
+def _per_shard(kernel, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
     """A Pallas kernel run per device on its shard of batch and heads: XLA cannot split it."""
     q_names, kv_names = ("act_batch", None, "act_heads", None), ("act_batch", None, "act_kv_heads", None)
     if not jax.sharding.get_abstract_mesh().empty and sharding.spec(q_names) != sharding.spec(kv_names):
@@ -82,9 +84,9 @@ def _per_shard(kernel, q_BTHD, k_BTKD, v_BTKD, segment_ids_BT):
         plain = sharding.per_shard(
             lambda q, k, v: kernel(q, k, v, None), (q_names, kv_names, kv_names), q_names
         )
-        return plain(q_BTHD, k_BTKD, v_BTKD)
+        return plain(q_BTHE, k_BTKE, v_BTKE)
     names = (q_names, kv_names, kv_names, ("act_batch", None))
-    return sharding.per_shard(kernel, names, q_names)(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT)
+    return sharding.per_shard(kernel, names, q_names)(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
 
 
 def resolve(
@@ -107,7 +109,7 @@ def resolve(
         return implementation
     if backend is None:
         backend, capability = jax.default_backend(), cuda_capability()
-    _, T, H, D = q_shape
+    _, T, H, E = q_shape
     grouped = kv_heads is not None and kv_heads != H
     if backend == "tpu":
         return "splash" if kernels.splash_fits(T) else "xla"
@@ -116,68 +118,68 @@ def resolve(
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if capability is None or capability < (8, 0) or not half:  # cuDNN and Triton flash: Ampere on
         return "xla"
-    if not segmented and _cudnn_fits(D, capability):
+    if not segmented and _cudnn_fits(E, capability):
         return "cudnn"
-    if segmented and capability >= (9, 0) and _cudnn_fits(D, capability) and kernels.cudnn_packed_api():
-        if not grouped or kernels._cudnn_packed_strides_kv_heads():
+    if segmented and capability >= (9, 0) and _cudnn_fits(E, capability) and kernels.cudnn_packed_api():
+        if not grouped or kernels.cudnn_packed_strides_kv_heads():
             return "cudnn_packed"
-    return "pallas" if kernels.pallas_fits(T, D) else "xla"
+    return "pallas" if kernels.pallas_fits(T, E) else "xla"
 
 
 def reference(
-    q_BTHD: jax.Array,
-    k_BTKD: jax.Array,
-    v_BTKD: jax.Array,
+    q_BTHE: jax.Array,
+    k_BTKE: jax.Array,
+    v_BTKE: jax.Array,
     segment_ids_BT: jax.Array | None = None,
 ) -> jax.Array:
     """Plain einsum attention in fp32: the yardstick the fast paths are tested against."""
-    T = q_BTHD.shape[1]
+    T = q_BTHE.shape[1]
     mask_TS = jnp.tril(jnp.ones((T, T), bool))
     mask_BTS = mask_TS[None] if segment_ids_BT is None else mask_TS & _segment_mask(segment_ids_BT)
-    return _einsum_attention(q_BTHD, k_BTKD, v_BTKD, mask_BTS)
+    return _einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTS)
 
 
 def cached(
-    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, slots_T: jax.Array, start_B: jax.Array
+    q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, slots_T: jax.Array, start_B: jax.Array
 ) -> jax.Array:
     """Attention of T new queries, at cache slots `slots_T`, to a KV cache of S slots: query
     slot t sees slots start_B..t of its row (rows are left-padded up to start_B). fp32 einsum:
     decoding reads the whole cache once per token, which the fused training kernels do not
     speed up."""
-    slots_S = jnp.arange(k_BSKD.shape[1])
+    slots_S = jnp.arange(k_BSKE.shape[1])
     seen_BTS = (slots_S <= slots_T[:, None])[None] & (slots_S >= start_B[:, None, None])
-    return _einsum_attention(q_BTHD, k_BSKD, v_BSKD, seen_BTS)
+    return _einsum_attention(q_BTHE, k_BSKE, v_BSKE, seen_BTS)
 
 
-def _einsum_attention(q_BTHD, k_BSKD, v_BSKD, seen_BTS):
+def _einsum_attention(q_BTHE, k_BSKE, v_BSKE, seen_BTS):
     """fp32 softmax attention of queries to the keys `seen_BTS` allows, grouped-query."""
-    _, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(*q_BTHD.shape[:2], K, H // K, D).astype(jnp.float32)
-    scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32))
-    scores_BKGTS = scores_BKGTS / jnp.sqrt(D).astype(jnp.float32)
+    _, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    q_BTKGE = q_BTHE.reshape(*q_BTHE.shape[:2], K, H // K, E).astype(jnp.float32)
+    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE.astype(jnp.float32))
+    scores_BKGTS = scores_BKGTS / jnp.sqrt(E).astype(jnp.float32)
     # A finite floor, not -inf: a cache's padding query sees no slot, and must not turn into
     # NaN that the next layer would write into the cache.
     scores_BKGTS = jnp.where(seen_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
-    o_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD.astype(jnp.float32))
-    return o_BTKGD.reshape(q_BTHD.shape).astype(q_BTHD.dtype)
+    o_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE.astype(jnp.float32))
+    return o_BTKGE.reshape(q_BTHE.shape).astype(q_BTHE.dtype)
 
 
-def _xla(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT):
-    mask_B1TT = None if segment_ids_BT is None else _segment_mask(segment_ids_BT)[:, None]
+def _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
+    mask_B1TS = None if segment_ids_BT is None else _segment_mask(segment_ids_BT)[:, None]
     return jax.nn.dot_product_attention(
-        q_BTHD, k_BTKD, v_BTKD, mask=mask_B1TT, is_causal=True, implementation="xla"
+        q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation="xla"
     )
 
 
-def _cudnn(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT):
+def _cudnn(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
     if segment_ids_BT is not None:
         raise ValueError(
             "cudnn attention cannot honour segment ids (packed documents); use model.attention="
             "cudnn_packed (Hopper or newer) or pallas, or xla (slow)"
         )
-    return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BTHE, k_BTKE, v_BTKE, is_causal=True, implementation="cudnn")
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -196,5 +198,5 @@ def cuda_capability() -> Capability | None:
         return None
 
 
-def _cudnn_fits(D: int, capability: Capability) -> bool:
-    return D % 8 == 0 and D <= (256 if capability >= (9, 0) else 128)
+def _cudnn_fits(E: int, capability: Capability) -> bool:
+    return E % 8 == 0 and E <= (256 if capability >= (9, 0) else 128)

@@ -1,5 +1,10 @@
 """The fused attention kernels that take packed documents: cuDNN's packed layout and the Pallas
-kernels (GPU Triton `mha`, TPU splash). `attention.py` chooses among them and shards them."""
+kernels (GPU Triton `mha`, TPU splash). `dispatch` chooses among them and shards them.
+
+Their jax modules are imported where a kernel runs, not at the top: they are experimental (Pallas)
+or private (cuDNN's), a jaxlib build may lack them, and only the backend a kernel is for needs
+them. Without the cuDNN one `cudnn_packed_api` gives None and `resolve` picks another kernel.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ def segment_counts(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 def cudnn_packed(
-    q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_BT: jax.Array, max_segments: int
+    q_BTHE: jax.Array, k_BTKE: jax.Array, v_BTKE: jax.Array, segment_ids_BT: jax.Array, max_segments: int
 ) -> jax.Array:
     """cuDNN fused attention over the documents of each row, sized for `max_segments` of them."""
     api = cudnn_packed_api()
@@ -60,32 +65,32 @@ def cudnn_packed(
             f"jax {jax.__version__} lacks the private cuDNN packed-attention API lmjax uses; "
             "use model.attention=pallas"
         )
-    if k_BTKD.shape[2] != q_BTHD.shape[2] and not _cudnn_packed_strides_kv_heads():
+    if k_BTKE.shape[2] != q_BTHE.shape[2] and not cudnn_packed_strides_kv_heads():
         raise ValueError(
             f"jax {jax.__version__}'s cuDNN packed attention mis-strides grouped-query k/v (fixed in "
             "0.11); upgrade jax or use model.attention=pallas"
         )
     dot_product_attention, mask_type = api
-    D = q_BTHD.shape[3]
+    E = q_BTHE.shape[3]
     M = max_segments
     seqlen_BM, offsets_BM1 = packed_seqlens_offsets(segment_ids_BT, M)
     # Pinned to q's batch sharding: each device's kernel reads the rows it holds.
     seqlen_BM = sharding.constrain(seqlen_BM, ("act_batch", None))
     offsets_BM1 = sharding.constrain(offsets_BM1, ("act_batch", None))
-    o_BTHD = dot_product_attention(
-        q_BTHD,
-        k_BTKD,
-        v_BTKD,
+    o_BTHE = dot_product_attention(
+        q_BTHE,
+        k_BTKE,
+        v_BTKE,
         q_seqlen=seqlen_BM,
         kv_seqlen=seqlen_BM,
         q_offsets=offsets_BM1,
         kv_offsets=offsets_BM1,
-        scale=1.0 / math.sqrt(D),
+        scale=1.0 / math.sqrt(E),
         mask_type=mask_type,
     )
     # Segments past M would silently go unattended: poison such rows so the loss shows it.
     overflow_B = segment_counts(segment_ids_BT) > M
-    return jnp.where(overflow_B[:, None, None, None], jnp.nan, o_BTHD).astype(q_BTHD.dtype)
+    return jnp.where(overflow_B[:, None, None, None], jnp.nan, o_BTHE).astype(q_BTHE.dtype)
 
 
 @functools.cache
@@ -110,28 +115,28 @@ def cudnn_packed_api() -> tuple | None:
 
 
 def pallas(
-    q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_BT: jax.Array | None
+    q_BTHE: jax.Array, k_BTKE: jax.Array, v_BTKE: jax.Array, segment_ids_BT: jax.Array | None
 ) -> jax.Array:
     """The Pallas GPU (Triton) flash kernel `mha`, which takes segment ids; one device's shard."""
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
 
-    _, T, H, D = q_BTHD.shape
+    _, T, H, E = q_BTHE.shape
     if T % 16:
         raise ValueError(f"pallas attention needs T % 16 == 0 (Triton blocks), got T={T}")
     # mha has no grouped-query support: give every query head its own copy of its k/v head.
-    G = H // k_BTKD.shape[2]
-    k_BTHD, v_BTHD = jnp.repeat(k_BTKD, G, axis=2), jnp.repeat(v_BTKD, G, axis=2)
+    G = H // k_BTKE.shape[2]
+    k_BTHE, v_BTHE = jnp.repeat(k_BTKE, G, axis=2), jnp.repeat(v_BTKE, G, axis=2)
     # Blocks must divide T; the defaults are 128 (forward) and 32 (backward).
     fwd, bwd = math.gcd(T, 128), math.gcd(T, 32)
     blocks = pallas_gpu.BlockSizes(
         block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
     )
     return pallas_gpu.mha(
-        q_BTHD,
-        k_BTHD,
-        v_BTHD,
+        q_BTHE,
+        k_BTHE,
+        v_BTHE,
         segment_ids_BT,
-        sm_scale=1.0 / math.sqrt(D),
+        sm_scale=1.0 / math.sqrt(E),
         causal=True,
         block_sizes=blocks,
         interpret=interpret_mode("pallas", "gpu"),
@@ -139,29 +144,29 @@ def pallas(
 
 
 def splash(
-    q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_BT: jax.Array | None
+    q_BTHE: jax.Array, k_BTKE: jax.Array, v_BTKE: jax.Array, segment_ids_BT: jax.Array | None
 ) -> jax.Array:
     """The Pallas TPU splash kernel with SegmentIds, per example and k/v head; one device's shard."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash_ops
 
-    B, T, H, D = q_BTHD.shape
-    K = k_BTKD.shape[2]
+    B, T, H, E = q_BTHE.shape
+    K = k_BTKE.shape[2]
     if not splash_fits(T):
         raise ValueError(f"splash attention needs T % 128 == 0, got T={T}")
     kernel = _splash_kernel(T, H // K, interpret_mode("splash", "tpu"))
-    # Splash does not scale q, and wants heads before time: q_BKGTD, k_BKTD.
-    q_BKGTD = (q_BTHD * (1.0 / math.sqrt(D))).reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-    k_BKTD, v_BKTD = k_BTKD.transpose(0, 2, 1, 3), v_BTKD.transpose(0, 2, 1, 3)
+    # Splash does not scale q, and wants heads before time: q_BKGTE, k_BKTE.
+    q_BKGTE = (q_BTHE * (1.0 / math.sqrt(E))).reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    k_BKTE, v_BKTE = k_BTKE.transpose(0, 2, 1, 3), v_BTKE.transpose(0, 2, 1, 3)
 
-    def one_row(q_KGTD, k_KTD, v_KTD, segment_ids_T):
+    def one_row(q_KGTE, k_KTE, v_KTE, segment_ids_T):
         ids = None if segment_ids_T is None else splash_ops.SegmentIds(q=segment_ids_T, kv=segment_ids_T)
         # One multi-query kernel call per k/v head: its G query heads share that head.
-        return jax.vmap(lambda q_GTD, k_TD, v_TD: kernel(q_GTD, k_TD, v_TD, segment_ids=ids))(
-            q_KGTD, k_KTD, v_KTD
+        return jax.vmap(lambda q_GTE, k_TE, v_TE: kernel(q_GTE, k_TE, v_TE, segment_ids=ids))(
+            q_KGTE, k_KTE, v_KTE
         )
 
-    o_BKGTD = jax.vmap(one_row)(q_BKGTD, k_BKTD, v_BKTD, segment_ids_BT)
-    return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+    o_BKGTE = jax.vmap(one_row)(q_BKGTE, k_BKTE, v_BKTE, segment_ids_BT)
+    return o_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHE.dtype)
 
 
 def _splash_kernel(T: int, heads: int, interpret: bool):
@@ -194,8 +199,8 @@ def interpret_mode(name: str, native: str) -> bool:
     return backend == "cpu"
 
 
-def pallas_fits(T: int, D: int) -> bool:
-    return T % 16 == 0 and D >= 16  # Triton's dot wants every block dim >= 16
+def pallas_fits(T: int, E: int) -> bool:
+    return T % 16 == 0 and E >= 16  # Triton's dot wants every block dim >= 16
 
 
 def splash_fits(T: int) -> bool:
@@ -203,7 +208,7 @@ def splash_fits(T: int) -> bool:
 
 
 @functools.cache
-def _cudnn_packed_strides_kv_heads() -> bool:
+def cudnn_packed_strides_kv_heads() -> bool:
     """jax < 0.11 strides packed k/v by the query head count: wrong for grouped-query attention."""
     major, minor = (int(x) for x in jax.__version__.split(".")[:2])
     return (major, minor) >= (0, 11)

@@ -11,6 +11,7 @@ import sys
 
 from lmjax import config
 from lmjax.config import UserError
+from lmjax.data import cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = config.apply_overrides(config.load_experiment(args.experiment), args.set)
         config.validate(exp)
-        from lmjax.data import cache
-
         corpus = cache.load_or_build(exp.data, log=lambda m: print(m, file=sys.stderr))
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lmjax.config import Data, UserError
 from lmjax.data import shards, sources, tokenizer
@@ -170,8 +171,6 @@ def _remove_abandoned_builds(entry: Path) -> None:
 
 def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bool) -> dict:
     """Tokenize every corpus of `cfg` into `folder`; returns the entry's meta.json content."""
-    from tqdm import tqdm
-
     (folder / "tokenizer.model").write_bytes(tok.model_proto)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     parts, chars = [], 0

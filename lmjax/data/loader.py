@@ -16,30 +16,32 @@ the step it reaches next, so a resumed run sees exactly the batches it would hav
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Generic, TypeVar
 
+import grain
 import numpy as np
 
 from lmjax.config import UserError
 from lmjax.data.cache import Split
 
 Batch = dict[str, np.ndarray]
+Placed = TypeVar("Placed")  # a batch once on the devices
 
 
 def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> Batch:
     """Windows of `seq_len + 1` tokens starting at token offsets `starts_B`, as inputs/targets."""
-    idx_BL = starts_B[:, None] + np.arange(seq_len + 1)  # L = seq_len + 1: inputs and targets
-    tokens_BL = split.take(idx_BL)
-    doc_BL = np.searchsorted(split.starts, idx_BL, side="right") - 1
-    segments_BL = doc_BL - doc_BL[:, :1] + 1
+    idx_BT1 = starts_B[:, None] + np.arange(seq_len + 1)  # T1 = T + 1: inputs and targets
+    tokens_BT1 = split.take(idx_BT1)
+    doc_BT1 = np.searchsorted(split.starts, idx_BT1, side="right") - 1
+    segments_BT1 = doc_BT1 - doc_BT1[:, :1] + 1
     # Positions count from the document's start, or from the window's when it began earlier.
-    positions_BL = idx_BL - np.maximum(split.starts[doc_BL], starts_B[:, None])
+    positions_BT1 = idx_BT1 - np.maximum(split.starts[doc_BT1], starts_B[:, None])
     return {
-        "inputs": tokens_BL[:, :-1],
-        "targets": tokens_BL[:, 1:],
-        "segment_ids": segments_BL[:, :-1].astype(np.int32),
-        "positions": positions_BL[:, :-1].astype(np.int32),
-        "loss_mask": (segments_BL[:, 1:] == segments_BL[:, :-1]).astype(np.float32),
+        "inputs": tokens_BT1[:, :-1],
+        "targets": tokens_BT1[:, 1:],
+        "segment_ids": segments_BT1[:, :-1].astype(np.int32),
+        "positions": positions_BT1[:, :-1].astype(np.int32),
+        "loss_mask": (segments_BT1[:, 1:] == segments_BT1[:, :-1]).astype(np.float32),
     }
 
 
@@ -77,10 +79,8 @@ class _Materialize:
         return out
 
 
-def _window_ids(splits: list[Split], seq_len: int, what: str) -> list:
+def _window_ids(splits: list[Split], seq_len: int, what: str) -> list[grain.MapDataset]:
     """Per corpus, a grain MapDataset of (corpus index, window id) over all its windows."""
-    import grain
-
     datasets = []
     for p, split in enumerate(splits):
         n = num_windows(split, seq_len)
@@ -96,7 +96,8 @@ def _window_ids(splits: list[Split], seq_len: int, what: str) -> list:
 class TrainBatches:
     """Shuffled, mixed training batches: `batches[step]`, or iterate with prefetch.
 
-    `rows`: the rows of the global batch this host loads (`sharding.host_rows`); None for all.
+    `rows`: the rows of the global batch this host loads (`sharding.BatchPlacement.rows`); None
+    for all.
     """
 
     def __init__(
@@ -109,8 +110,6 @@ class TrainBatches:
         rows: np.ndarray | None = None,
         prefetch: int = 4,
     ):
-        import grain
-
         parts = [
             ds.shuffle(seed=(seed * 1_000_003 + 7919 * p) % 2**32).repeat()
             for p, ds in enumerate(_window_ids(splits, seq_len, "training"))
@@ -138,21 +137,21 @@ class TrainBatches:
         self._iterator.set_state(state)
 
 
-class DevicePrefetch:
+class DevicePrefetch(Generic[Placed]):
     """Keeps the next batch already on the devices (`put` places it) while a step runs.
 
     `get_state` is the loader's state for the batch `next` returns next, not for the one
     fetched ahead, so a checkpoint taken between steps resumes at the right batch."""
 
-    def __init__(self, batches: TrainBatches, put: Callable[[Batch], Any]):
+    def __init__(self, batches: TrainBatches, put: Callable[[Batch], Placed]):
         self._batches, self._put = batches, put
         self._state = batches.get_state()
         self._ahead = put(next(batches))
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Placed]:
         return self
 
-    def __next__(self) -> Any:
+    def __next__(self) -> Placed:
         batch = self._ahead
         self._state = self._batches.get_state()
         self._ahead = self._put(next(self._batches))

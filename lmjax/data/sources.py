@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmjax.config import Source, UserError
+from lmjax.data import tfds_source
 from lmjax.data.files import split_of, stdlib_files, user_files
 
 Document = tuple[str, str]  # (split, text), split in ("train", "validation")
@@ -47,8 +48,6 @@ def describe(c: Source) -> str:
 def documents(c: Source, validation_percent: float) -> Iterator[Document]:
     """The corpus `c` as (split, text) pairs, in a stable order; empty documents are skipped."""
     if c.source == "tfds":
-        from lmjax.data import tfds_source
-
         stream = tfds_source.documents(c.name, c.path, c.field, validation_percent)
     else:
         read = {"stdlib": _text_files, "files": _text_files, "jsonl": _jsonl, "parquet": _parquet}[c.source]
@@ -61,8 +60,6 @@ def fingerprint(c: Source) -> str:
     and mtimes."""
     h = hashlib.sha256(f"{c.source}|{c.field}|{sys.version_info[:2]}".encode())
     if c.source == "tfds":
-        from lmjax.data import tfds_source
-
         h.update(tfds_source.fingerprint(c.name, c.path, c.field).encode())
         return h.hexdigest()[:16]
     root, files = corpus_files(c)
@@ -138,7 +135,7 @@ def _jsonl(c: Source, percent: float) -> Iterator[Document]:
 
 
 def _parquet(c: Source, percent: float) -> Iterator[Document]:
-    try:
+    try:  # optional: lmjax[parquet]
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None

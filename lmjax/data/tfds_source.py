@@ -24,10 +24,14 @@ import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from lmjax.config import UserError
 from lmjax.data.files import is_validation
+
+if TYPE_CHECKING:  # annotations only: tensorflow_datasets is optional (lmjax[tfds])
+    from tensorflow_datasets.core import DatasetBuilder
 
 NETWORK_PROBE = ("storage.googleapis.com", 443)
 NETWORK_TIMEOUT_S = 3.0
@@ -79,8 +83,8 @@ def fingerprint(name: str, path: str, field: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _import_tfds() -> Any:
-    try:
+def _import_tfds() -> ModuleType:
+    try:  # optional: lmjax[tfds]
         # tfds 4.9.10 imports importlib_resources lazily (registry builders need it) without
         # declaring it; array_record is what as_data_source reads with. Fail here, not midway.
         import array_record.python.array_record_data_source  # noqa: F401
@@ -94,7 +98,7 @@ def _import_tfds() -> Any:
     return tfds
 
 
-def _prepared_builder(name: str, path: str) -> Any:
+def _prepared_builder(name: str, path: str) -> DatasetBuilder:
     tfds = _import_tfds()
     from etils import epath  # a dependency of tensorflow_datasets
 
@@ -106,7 +110,7 @@ def _prepared_builder(name: str, path: str) -> Any:
             "dataset folder (one holding dataset_info.json)"
         )
     if re.split(r"[/:]", name)[0] == STDLIB_NAME:
-        import lmjax.data.stdlib_tfds  # noqa: F401 -- registers the builder with tfds
+        import lmjax.data.stdlib_tfds  # noqa: F401 -- imports tfds and registers the builder with it
 
     data_dir = str(epath.Path(path).expanduser()) if path else None
     builder = _builder(tfds, name, data_dir)
@@ -115,8 +119,8 @@ def _prepared_builder(name: str, path: str) -> Any:
     return builder
 
 
-def _builder(tfds: Any, name: str, data_dir: str | None) -> Any:
-    from tensorflow_datasets.core.registered import DatasetNotFoundError
+def _builder(tfds: ModuleType, name: str, data_dir: str | None) -> DatasetBuilder:
+    from tensorflow_datasets.core.registered import DatasetNotFoundError  # optional, as tfds is
 
     for attempt in range(2):
         try:
@@ -146,7 +150,7 @@ def _import_all_tfds_packages() -> None:
             pass
 
 
-def _prepare(builder: Any, name: str, data_dir: str | None) -> None:
+def _prepare(builder: DatasetBuilder, name: str, data_dir: str | None) -> None:
     if builder.name != STDLIB_NAME:
         where = data_dir or "the default TFDS data dir"
         needs = [] if _online() else [f"the network ({NETWORK_PROBE[0]}:{NETWORK_PROBE[1]} unreachable)"]
@@ -186,7 +190,7 @@ def _online() -> bool:
     return bool(reached)
 
 
-def _missing_libraries(builder: Any) -> list[str]:
+def _missing_libraries(builder: DatasetBuilder) -> list[str]:
     """Libraries the builder's module uses that are not installed (tiny_shakespeare and lm1b use
     tf.io.gfile, c4 and wikipedia Apache Beam): found by reading its source, before downloading."""
     try:
@@ -205,7 +209,7 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _read(builder: Any, split: str, field: str) -> Iterator[Any]:
+def _read(builder: DatasetBuilder, split: str, field: str) -> Iterator[object]:
     try:
         source = builder.as_data_source(split=split)
     except NotImplementedError:
@@ -219,7 +223,7 @@ def _read(builder: Any, split: str, field: str) -> Iterator[Any]:
             yield example[field]
 
 
-def _text(value: Any, label: str, field: str) -> str:
+def _text(value: object, label: str, field: str) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     if isinstance(value, str):
@@ -230,7 +234,7 @@ def _text(value: Any, label: str, field: str) -> str:
     )
 
 
-def _construct_error(tfds: Any, name: str, e: BaseException) -> str:
+def _construct_error(tfds: ModuleType, name: str, e: BaseException) -> str:
     """tfds's first line without its builder_kwargs prefix or a dangling "closely match:", plus the
     builder's configs when there are few enough to list."""
     line = str(e).strip().splitlines()[0]

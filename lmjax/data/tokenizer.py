@@ -18,10 +18,12 @@ import random
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from lmjax import config
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
+from lmjax.data import sources
 
 BOS_ID, EOS_ID = 1, 2
 # Part of the token cache's key (cache.py): changing any of these retokenizes.
@@ -46,8 +48,6 @@ TRAINER_SETTINGS = dict(
 
 class Tokenizer:
     def __init__(self, model_proto: bytes):
-        import sentencepiece as spm
-
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
@@ -76,7 +76,7 @@ class Tokenizer:
         """(ids of all texts back to back, number of ids of each text), on `threads` (0: all).
 
         Encodes line by line where that gives the same ids as whole texts (`_lines_are_independent`):
-        sentencepiece's BPE runs ~15% faster on the shorter inputs."""
+        sentencepiece's BPE runs faster on shorter inputs."""
         if not self._lines_are_independent:
             ids = self._sp.encode(texts, num_threads=threads or -1)
             lengths = np.fromiter(map(len, ids), np.int64, len(ids))
@@ -114,9 +114,9 @@ def _lines_are_independent(model_proto: bytes) -> bool:
     """True when no piece can depend on text across a "\n": BPE (unigram breaks ties by the
     whole input), "\n" a piece of its own, and no dummy prefix or whitespace folding (which
     would add or drop a space at each line start). lmjax's own models all qualify."""
-    try:
+    try:  # needs protobuf, which sentencepiece leaves optional
         from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # needs protobuf; whole texts are always right
+    except ImportError:  # whole texts are always right
         return False
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_proto)
@@ -138,8 +138,6 @@ def sample(cfg: config.Data, seed: int = 0) -> list[str]:
     over the first 20x the budget of each corpus: uniform over small corpora, bounded reading
     of large ones.
     """
-    from lmjax.data import sources
-
     components = cfg.components()
     total_weight = sum(c.weight for c in components)
     out: list[str] = []
@@ -165,8 +163,6 @@ def sample(cfg: config.Data, seed: int = 0) -> list[str]:
 
 def train(texts: list[str], cfg: config.Data, seed: int = 0) -> Tokenizer:
     """Train on lines drawn from `texts` (shuffled, seeded) up to `tokenizer_sample_bytes`."""
-    import sentencepiece as spm
-
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
 

@@ -3,10 +3,13 @@ back. Import refuses, as a UserError (exit 2), any setting lmjax's model cannot 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmjax import config
 from lmjax.config import UserError
+
+HfConfig = dict[str, Any]  # a transformers config.json: keys to JSON values of any kind
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
@@ -36,7 +39,7 @@ def check_exportable(m: config.Model) -> None:
         )
 
 
-def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> dict[str, Any]:
+def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> HfConfig:
     """The `config.json` of `m` for transformers; `dtype`: the stored tensors' (float32|bfloat16)."""
     check_exportable(m)
     common = {
@@ -86,7 +89,7 @@ def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> dict[str
     }
 
 
-def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.Model:
+def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
     """The lmjax model of a Hugging Face `config.json` (read from `where`)."""
     archs = cfg.get("architectures") or []
     flavours = [f for f, a in ARCHITECTURES.items() if a in archs]
@@ -149,7 +152,7 @@ def model_from_hf(cfg: dict[str, Any], where: str, param_dtype: str) -> config.M
     return m
 
 
-def _no_scaling(rope_scaling: Any) -> bool:
+def _no_scaling(rope_scaling: object) -> bool:
     """None, {} or a "default" rope type (older configs spell it "type"): plain RoPE."""
     if not rope_scaling:
         return True
@@ -158,14 +161,21 @@ def _no_scaling(rope_scaling: Any) -> bool:
     return rope_scaling.get("rope_type", rope_scaling.get("type")) == "default"
 
 
-def _int(cfg: dict[str, Any], where: str, key: str) -> int:
+def _int(cfg: HfConfig, where: str, key: str) -> int:
     value = cfg.get(key)
     if not isinstance(value, int) or value <= 0:
         raise UserError(f"{where}: {key}={value!r} should be a positive integer")
     return value
 
 
-def _refuse(cfg: dict, where: str, shown: str, ok: Any, wanted: Any, key: str | None = None) -> None:
+def _refuse(
+    cfg: HfConfig,
+    where: str,
+    shown: str,
+    ok: Callable[[object], bool],
+    wanted: object,
+    key: str | None = None,
+) -> None:
     value = cfg.get(key or shown)
     if not ok(value):
         raise UserError(

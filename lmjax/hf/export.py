@@ -4,7 +4,7 @@
   python -m lmjax.export --from-hf PATH --to lmjax DIR [--dtype fp32|bf16]
 
 Export writes OUT/config.json (GPT2LMHeadModel or LlamaForCausalLM), model.safetensors (or
-shards and model.safetensors.index.json above --shard-size) and the tokenizer (hf_tokenizer.py)
+shards and model.safetensors.index.json above --shard-size) and the tokenizer (tokenizer.py)
 from DIR's newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
 sentencepiece tokenizer.model; nothing is downloaded) into an lmjax run folder: config.json,
 tokenizer.model and a step-0 checkpoint that `checkpoint.load_params` reads onto any mesh and
@@ -14,8 +14,8 @@ Memory: export restores one group of stacked lmjax parameters at a time (Orbax p
 restore: all layers of the weights one HF tensor is made of, e.g. GPT-2's q, k and v for
 c_attn) and writes each layer's tensor straight into its place in the file. Import reads one
 tensor at a time but holds the whole model in `--dtype` (in host memory, also on a GPU host)
-before Orbax writes it, and Orbax copies it again to save it: about 3.4 times the model at
-the peak (README). Both build into a `.NAME.partial` folder beside the destination and rename
+before Orbax writes it, and Orbax copies it again to save it: a few copies of the model at
+the peak (docs/hugging-face.md). Both build into a `.NAME.partial` folder beside the destination and rename
 it when complete, so a failure leaves no half-written folder.
 """
 
@@ -30,9 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmjax import config
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lmjax import checkpoint, config, step
 from lmjax.atomic import write_atomic
 from lmjax.config import UserError
+from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf import config as hf_config
 from lmjax.hf import layout as hf_layout
 from lmjax.hf import safetensors as hf_safetensors
@@ -87,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log: Log | None = None) -> None:
     """Write the newest checkpoint of the run in `workdir` into `out` in the HF layout."""
-    from lmjax import checkpoint
-    from lmjax.data.tokenizer import Tokenizer
-
     log = log or _print
     _require_empty(out)
     workdir = workdir.absolute()
@@ -130,12 +133,9 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     )
 
 
-def _restore(params_dir: Path, names: tuple[str, ...]) -> dict[str, Any]:
+def _restore(params_dir: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Only the parameters `names` ("layers.w_q") of a checkpoint, as host numpy arrays."""
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    item: dict[str, Any] = {}
+    item: dict[str, Any] = {}  # nested by the names' parts, as the checkpoint's tree
     args: dict[str, Any] = {}
     for name in names:
         *parents, leaf = name.split(".")
@@ -168,8 +168,6 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         raise UserError(f"{where} is not readable JSON ({e}); give a Hugging Face config.json") from None
     m = hf_config.model_from_hf(hf_cfg, str(where), param_dtype)
     proto = hf_tokenizer.import_(src)
-    from lmjax.data.tokenizer import Tokenizer
-
     n_pieces = Tokenizer(proto).vocab_size
     if n_pieces > m.vocab_size:
         raise UserError(
@@ -177,12 +175,6 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         )
     reader = hf_safetensors.Reader(src)
     rename = _check_tensors(reader, m, src)
-
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from lmjax import checkpoint, step
 
     by_param = {p: (link, k) for link in hf_layout.links(m) for k, p in enumerate(link.params)}
     device = jax.sharding.SingleDeviceSharding(host_device())  # not an accelerator's memory
@@ -265,12 +257,10 @@ def _bytes(text: str) -> int:
     return max(1, int(float(found[1]) * UNITS[found[2]]))
 
 
-def host_device() -> Any:
+def host_device() -> jax.Device:
     """The host's CPU device, where import assembles the model (on a GPU or TPU host the default
     device is an accelerator, which the whole model would then have to fit in); the first local
     device where the CPU backend is not loaded (JAX_PLATFORMS naming accelerators only)."""
-    import jax
-
     try:
         return jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # "Unknown backend cpu" / "Backend 'cpu' failed to initialize"

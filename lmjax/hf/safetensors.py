@@ -13,12 +13,14 @@ Above `shard_bytes` the tensors go into `model-0000k-of-0000n.safetensors` files
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from lmjax.config import UserError
 
@@ -52,14 +54,16 @@ class Writer:
                 },
             }
             (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        self._open: dict[Path, object] = {path: path.open("r+b") for path in self.files}
+        self._open: dict[Path, io.BufferedRandom] = {path: path.open("r+b") for path in self.files}
         self.left = {name for name, _ in plan}
 
     def _start_file(self, path: Path, tensors: list[tuple[str, tuple[int, ...], int]]) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}  # transformers checks "format"
+        offsets: dict[str, int] = {}  # where each tensor's data starts, after the header
         offset = 0
         for name, shape, size in sorted(tensors, key=lambda t: t[0]):  # one dtype: by name
             header[name] = {"dtype": self.code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offsets[name] = offset
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -68,23 +72,23 @@ class Writer:
             f.write(len(text).to_bytes(8, "little") + text)
             f.truncate(start + offset)
         for name, shape, _ in tensors:
-            self.where[name] = (path, start + header[name]["data_offsets"][0], shape)  # type: ignore[index]
+            self.where[name] = (path, start + offsets[name], shape)
 
     def write(self, name: str, x: np.ndarray) -> None:
         path, offset, shape = self.where[name]
         if x.shape != shape:
             raise ValueError(f"{name}: shape {x.shape}, planned {shape}")
         f = self._open[path]
-        f.seek(offset)  # type: ignore[attr-defined]
+        f.seek(offset)
         # One copy at most (none when x is already contiguous in the stored dtype), written
         # from its own memory: `.tobytes()` would make a second.
         data = np.ascontiguousarray(x, self.dtype.newbyteorder("<"))
-        f.write(data.reshape(-1).view(np.uint8))  # type: ignore[attr-defined]
+        f.write(data.reshape(-1).view(np.uint8))
         self.left.discard(name)
 
     def close(self) -> None:
         for f in self._open.values():
-            f.close()  # type: ignore[attr-defined]
+            f.close()
         if self.left:
             raise ValueError(f"tensors never written: {sorted(self.left)[:3]}")
 
@@ -108,21 +112,21 @@ class Reader:
                 "save the model with save_pretrained(..., safe_serialization=True)"
             )
         self._files = [_open(folder / name) for name in files]
-        self.file_of: dict[str, object] = {}
+        self.file_of: dict[str, safe_open] = {}
         for f in self._files:
             for key in f.keys():
                 if not IGNORED.search(key):
                     self.file_of[key] = f
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.file_of[name].get_slice(name).get_shape())  # type: ignore[attr-defined]
+        return tuple(self.file_of[name].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
         """The stored dtype, as safetensors names it ("F32", "BF16", "I64", ...)."""
-        return str(self.file_of[name].get_slice(name).get_dtype())  # type: ignore[attr-defined]
+        return str(self.file_of[name].get_slice(name).get_dtype())
 
     def get(self, name: str) -> np.ndarray:
-        return self.file_of[name].get_tensor(name)  # type: ignore[attr-defined]
+        return self.file_of[name].get_tensor(name)
 
 
 def _shards(index: Path) -> list[str]:
@@ -144,9 +148,7 @@ def _shards(index: Path) -> list[str]:
     return files
 
 
-def _open(path: Path) -> object:
-    from safetensors import safe_open
-
+def _open(path: Path) -> safe_open:
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as e:  # noqa: BLE001 - SafetensorError (not exported as a class) or OSError

@@ -7,8 +7,8 @@ built with it that encodes exactly as sentencepiece does (the tests compare them
 text), with `<s>` put in front as lmjax frames documents. `AutoTokenizer` then loads a
 `PreTrainedTokenizerFast` from it, without sentencepiece; `split_special_tokens` keeps it
 from reading the literal text "<s>" as BOS, as sentencepiece does. Unigram models get no
-tokenizer.json: one built by `tokenizers.models.Unigram` differed from sentencepiece on 1 of
-60 held-out stdlib files (a Viterbi tie).
+tokenizer.json: one built by `tokenizers.models.Unigram` can split a text differently from
+sentencepiece where two segmentations score the same.
 
 Without tokenizer.json, `tokenizer_config.json` names `LlamaTokenizer`, and `AutoTokenizer`
 (use_fast=True) converts tokenizer.model with transformers' LlamaConverter (legacy): BPE,
@@ -16,7 +16,7 @@ spaces replaced by "▁", one "▁" prepended when `add_prefix_space` (set from 
 add_dummy_prefix, as LLaMA-2's), and sentencepiece's normalisation rules and whitespace
 removal ignored. Where that differs from sentencepiece (a normalisation other than identity,
 removed spaces, a unigram model) the export says so, and `use_fast=False` loads the
-sentencepiece tokenizer itself (reading transformers' convert_slow_tokenizer.py, not run).
+sentencepiece tokenizer itself.
 
 Import reads a sentencepiece `tokenizer.model` only: lmjax's data pipeline, bits-per-byte and
 generation tokenize with sentencepiece, and a `tokenizer.json`-only folder (GPT-2's byte-level
@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmjax.config import UserError
 from lmjax.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: both need packages that are optional when running
+    import tokenizers
+    from sentencepiece.sentencepiece_model_pb2 import ModelProto
 
 SPACE = "\u2581"  # sentencepiece's mark for a space
 
@@ -37,7 +42,7 @@ SPACE = "\u2581"  # sentencepiece's mark for a space
 def export(model_proto: bytes, out: Path, seq_len: int, shown: Path | None = None) -> list[str]:
     """Write the tokenizer files into `out` (to be shown as `shown`); returns notes on what
     could not be written and how to load what was."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf, optional for sentencepiece
 
     tok = Tokenizer(model_proto)
     proto = pb.ModelProto()
@@ -87,7 +92,7 @@ def export(model_proto: bytes, out: Path, seq_len: int, shown: Path | None = Non
     return notes
 
 
-def _why_no_tokenizer_json(proto) -> str:
+def _why_no_tokenizer_json(proto: ModelProto) -> str:
     n = proto.normalizer_spec
     if n.name != "identity" or n.precompiled_charsmap or n.add_dummy_prefix or n.remove_extra_whitespaces:
         return "its normalisation is not lmjax's lossless one (identity, no dummy prefix, spaces kept)"
@@ -96,7 +101,7 @@ def _why_no_tokenizer_json(proto) -> str:
     return ""
 
 
-def _why_fast_conversion_differs(proto) -> str:
+def _why_fast_conversion_differs(proto: ModelProto) -> str:
     """Why transformers' LlamaConverter (a BPE model, spaces as "▁", "▁" prepended when
     add_prefix_space) would not encode as sentencepiece does with `proto`; "" when it would."""
     n = proto.normalizer_spec
@@ -110,8 +115,9 @@ def _why_fast_conversion_differs(proto) -> str:
     return ""
 
 
-def _tokenizer_json(proto, bos_id: int):
+def _tokenizer_json(proto: ModelProto, bos_id: int) -> tokenizers.Tokenizer:
     """A `tokenizers.Tokenizer` computing what sentencepiece computes with `proto`."""
+    # Optional (lmjax[hf]): without it, `export` writes no tokenizer.json and says so.
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     kinds = proto.SentencePiece.Type

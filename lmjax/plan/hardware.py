@@ -1,6 +1,6 @@
 """The accelerators `python -m lmjax.plan --devices` knows: memory per device, the name JAX
 reports for it (`device_kind`, which `lmjax.flops.PEAK_TFLOPS` maps to a bf16 peak), and what
-the attention kernel choice depends on (backend, CUDA capability). No jax import here.
+the attention kernel choice depends on (backend, CUDA capability).
 
 Spellings: `8xH100` (count x card; `H100` alone means one), and TPU slices as Cloud TPU names
 them. TPU v4 and v5p slice names count TensorCores, two per chip, and JAX sees one device per

@@ -13,16 +13,16 @@ It is counted against XLA's own analysis of the compiled train step
 - gradients: one parameter-shaped copy in param_dtype, two with micro-batches (the sum, and the
   micro-batch's own); with FSDP, one layer's whole gradient before its reduce-scatter on top;
 - activations: what the backward pass keeps, read off the train step's own objective
-  (`model.loss_terms`, z-loss included) with `jax._src.ad_checkpoint.saved_residuals` (private,
-  present from jax 0.4 to 0.11; a jax without it is one error line) under the remat policy, the
-  attention kernel the target device would run, scanned or unrolled, the chunked loss; for one
-  micro-batch's rows on one device. Each residual is split over the mesh axes its dimensions'
+  (`loss.loss_terms`, z-loss included) with `jax._src.ad_checkpoint.saved_residuals` (private:
+  a jax without it is one error line) under the remat policy, the attention kernel the target
+  device would run, scanned or unrolled, the chunked loss; for one micro-batch's rows on one
+  device. Each residual is split over the mesh axes its dimensions'
   logical axes map to (act_heads, act_mlp, act_vocab... read off a second trace of the model at
   probe sizes; the residual stream, act_embed, is not split over tensor by default). On top:
   part of one layer's residuals that its backward pass holds (BACKWARD_LIVE: gradients, and
   with remat what it recomputes), and with `model.loss_chunk` a chunk's recomputed logits and
   their gradient. Unrolled layers without remat: UNROLLED_KEPT of the layers' residuals (XLA
-  fuses elementwise ones away). Constants measured on CPU (fp32).
+  fuses elementwise ones away). Both constants are fitted to XLA's analysis on CPU (fp32).
 
 Left out: XLA's fusion and scheduling choices beyond those (on GPU it may keep less or more),
 collective buffers, the batch itself (12 bytes a token), the compiled code, the runtime's own
@@ -36,10 +36,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
 
-from lmjax import config, sharding
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmjax import attention, config, loss, optim, sharding, step
+from lmjax.attention import kernels as attention_kernels
 from lmjax.config import UserError
+
+AxisRules = dict[str, str | tuple[str, ...] | None]  # `mesh.rules` as a dict: logical -> mesh axes
 
 # The share of one layer's residuals (beyond its input) that its backward pass holds at once on
 # top of all the residuals: the activations' gradients, and with remat what it recomputes (XLA
@@ -94,10 +101,6 @@ def memory_per_device(
 
 def _state_bytes(exp: config.Experiment, sizes: dict[str, int]) -> tuple[float, float]:
     """(parameters, optimizer state) bytes per device: each leaf's shard under the rules."""
-    import jax
-
-    from lmjax import optim
-
     _, abstract_params = _abstract_params(exp.model)
     fractions = _local_fractions(abstract_params, dict(exp.mesh.rules), sizes)
     nbytes = lambda leaf: leaf.size * leaf.dtype.itemsize  # noqa: E731
@@ -120,13 +123,10 @@ def _state_bytes(exp: config.Experiment, sizes: dict[str, int]) -> tuple[float, 
     return float(param_bytes), float(opt_bytes)
 
 
-def _gathered_layer_bytes(cfg: config.Model, rules: dict, sizes: dict[str, int]) -> float:
+def _gathered_layer_bytes(cfg: config.Model, rules: AxisRules, sizes: dict[str, int]) -> float:
     """One layer's weights in the compute dtype as the matmuls use them: gathered over the
     batch axes (data, fsdp), still split over tensor. 0 when no layer weight is split over
     the batch axes (nothing is gathered)."""
-    import jax
-    import jax.numpy as jnp
-
     _, abstract_params = _abstract_params(cfg)
     layers = abstract_params["layers"]
     unsplit = {**sizes, "data": 1, "fsdp": 1}
@@ -140,11 +140,10 @@ def _gathered_layer_bytes(cfg: config.Model, rules: dict, sizes: dict[str, int])
     )
 
 
-def _local_fractions(abstract_params: Any, rules: dict, sizes: dict[str, int]) -> Any:
+def _local_fractions(abstract_params: nnx.State, rules: AxisRules, sizes: dict[str, int]) -> nnx.State:
     """The parameters' tree with each leaf's value the share of it one device holds."""
-    import jax
 
-    def local_fraction(var: Any) -> Any:
+    def local_fraction(var: nnx.Variable) -> nnx.Variable:
         shape, names = var.get_value().shape, var.get_metadata()["out_sharding"]
         local = math.prod(
             math.ceil(n / _axes_size(rules[a], sizes)) for n, a in zip(shape, names, strict=True)
@@ -162,27 +161,18 @@ def _axes_size(target: str | tuple[str, ...] | None, sizes: dict[str, int]) -> i
     return math.prod(sizes[a] for a in _axes(target))
 
 
-def _is_variable(x: Any) -> bool:
-    from flax import nnx
-
+def _is_variable(x: object) -> bool:
     return isinstance(x, nnx.Variable)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_params(cfg: config.Model) -> Any:
-    from lmjax import step
-
+def _abstract_params(cfg: config.Model) -> tuple[nnx.GraphDef, nnx.State]:
     return step.abstract_model(cfg)
 
 
 def _traceable_attention(cfg: config.Model, backend: str, capability: tuple[int, int] | None) -> str:
     """The kernel `auto` picks on the target (plain causal batches); cuDNN's, which cannot be
     traced off a GPU, replaced by the Pallas flash kernel that keeps the same residuals."""
-    import jax.numpy as jnp
-
-    from lmjax import attention
-    from lmjax.attention import kernels as attention_kernels
-
     q_shape = (1, cfg.seq_len, cfg.n_heads, cfg.head_dim)
     impl = attention.resolve(
         cfg.attention,
@@ -218,7 +208,7 @@ class Residual:
     axes: tuple[str | None, ...]  # each dimension's logical axis (ACTIVATION_AXES) or None
 
 
-def _activation_bytes(cfg: config.Model, rows: int, rules: dict, sizes: dict[str, int]) -> float:
+def _activation_bytes(cfg: config.Model, rows: int, rules: AxisRules, sizes: dict[str, int]) -> float:
     """Bytes the backward pass keeps for `rows` rows on one device. Residuals are linear in the
     rows (traced at 2 and 3 rows, the dimension that grows is the batch's); each is split over
     the mesh axes its other dimensions' logical axes map to. A residual without a batch
@@ -242,13 +232,11 @@ def _activation_bytes(cfg: config.Model, rows: int, rules: dict, sizes: dict[str
     return total
 
 
-def _loss_working_set(cfg: config.Model, rows: int, rules: dict, sizes: dict[str, int]) -> float:
+def _loss_working_set(cfg: config.Model, rows: int, rules: AxisRules, sizes: dict[str, int]) -> float:
     """What the loss's backward pass holds beyond the residuals: the gradient of the logits, in
-    the compute dtype (`model.cross_entropy_sums` writes it in one pass from the logits, which
+    the compute dtype (`loss.cross_entropy_sums` writes it in one pass from the logits, which
     stay alive until it is written); with `model.loss_chunk`, per chunk, and a chunk's logits
     recomputed beside it."""
-    import jax.numpy as jnp
-
     vocab = cfg.padded_vocab / _axes_size(rules["act_vocab"], sizes)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     if not cfg.loss_chunk:  # the logits themselves are a traced residual
@@ -322,14 +310,8 @@ def _probe(cfg: config.Model) -> tuple[config.Model, dict[int, str]]:
     return cfg, {}
 
 
-def _trace(cfg: config.Model, rows: int) -> list:
+def _trace(cfg: config.Model, rows: int) -> list[jax.core.ShapedArray]:
     """The avals of the residuals the train step's objective keeps for `rows` rows."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lmjax import model
-
     graphdef, abstract_params = _abstract_params(cfg)
     batch = {
         "inputs": jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
@@ -337,21 +319,19 @@ def _trace(cfg: config.Model, rows: int) -> list:
         "loss_mask": jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32),
     }
 
-    def objective(p: Any, b: dict) -> Any:  # as step.make_train_step differentiates it
-        ce_sum, z_sum, _ = model.loss_terms(nnx.merge(graphdef, p), b)
+    def objective(p: nnx.State, b: dict[str, jax.Array]) -> jax.Array:  # as step.make_train_step does
+        ce_sum, z_sum, _ = loss.loss_terms(nnx.merge(graphdef, p), b)
         return ce_sum + cfg.z_loss * z_sum if cfg.z_loss else ce_sum
 
     kept = _saved_residuals()(objective, abstract_params, batch)
     return [aval for aval, why in kept if "argument" not in why]
 
 
-def _saved_residuals() -> Any:
-    """jax's `saved_residuals` (private, in jax 0.4 to 0.11 alike), or one clear error."""
-    try:
+def _saved_residuals() -> Callable[..., list[tuple[jax.core.ShapedArray, str]]]:
+    """jax's `saved_residuals`, or one clear error."""
+    try:  # private: guarded against a jax that moves it
         from jax._src.ad_checkpoint import saved_residuals
     except ImportError as e:
-        import jax
-
         raise UserError(
             f"jax {jax.__version__} has no jax._src.ad_checkpoint.saved_residuals, which the "
             "planner reads activations with; install the jax version pyproject.toml pins"

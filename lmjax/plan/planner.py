@@ -23,8 +23,10 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ DEFAULT_MFU = 0.40  # GPU/TPU, where no benchmark record of the card exists
 TOKENS_PER_PARAM = 20  # compute-optimal (Hoffmann et al. 2022)
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PARTS = ("params", "optimizer", "gradients", "activations")
+Fit = tuple[list[str], dict[str, float]]  # (--set overrides, memory per device as in Plan.memory)
+BenchmarkRecord = dict[str, Any]  # a benchmarks/results JSON file: values of any JSON kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +196,7 @@ def plan(exp: config.Experiment, devices: hardware.Devices) -> Plan:
     )
 
 
-def _nearest_valid(
-    exp: config.Experiment, devices: hardware.Devices, fit: tuple[list[str], dict] | None
-) -> list[str] | None:
+def _nearest_valid(exp: config.Experiment, devices: hardware.Devices, fit: Fit | None) -> list[str] | None:
     """The fastest fitting overrides, else the fastest mesh and micro-batch count that at least
     divide the batch and the model (None when none does)."""
     return fit[0] if fit else next(_candidate_overrides(exp, devices.count), None)
@@ -234,7 +236,7 @@ def overflow_message(memory: dict[str, float], usable: float, devices: hardware.
     )
 
 
-def fastest_fit(exp: config.Experiment, devices: hardware.Devices) -> tuple[list[str], dict] | None:
+def fastest_fit(exp: config.Experiment, devices: hardware.Devices) -> Fit | None:
     """The fastest mesh (data, fsdp, tensor) and micro-batch count on these devices that fits:
     fewest micro-batches first, then the least communication (data before fsdp before tensor);
     as --set overrides. None when nothing fits."""
@@ -247,7 +249,7 @@ def fastest_fit(exp: config.Experiment, devices: hardware.Devices) -> tuple[list
     return None
 
 
-def _candidate_overrides(exp: config.Experiment, n: int) -> Any:
+def _candidate_overrides(exp: config.Experiment, n: int) -> Iterator[list[str]]:
     """Mesh and micro-batch overrides that divide the batch and the model, fastest first."""
     divisors = lambda k: [d for d in range(1, k + 1) if k % d == 0]  # noqa: E731
     for micro in divisors(exp.train.batch_size):
@@ -284,9 +286,10 @@ def mfu_estimate(exp: config.Experiment, devices: hardware.Devices) -> tuple[flo
     return DEFAULT_MFU, devices.peak_tflops, f"default {DEFAULT_MFU:.0%}: no benchmark record of this card"
 
 
-def _newest_record(experiment: str, devices: hardware.Devices) -> dict | None:
+def _newest_record(experiment: str, devices: hardware.Devices) -> BenchmarkRecord | None:
     """The newest complete throughput record in benchmarks/results (any depth) on this card, of
-    this experiment and on plain rows where there is one."""
+    this experiment and on plain rows where there is one; never one whose loss says its model
+    saw the future."""
     key = "mfu_vs_measured" if devices.backend == "cpu" else "mfu"
     found = []
     for path in sorted(RESULTS.glob("**/*.json")) if RESULTS.is_dir() else []:
@@ -296,11 +299,20 @@ def _newest_record(experiment: str, devices: hardware.Devices) -> dict | None:
             continue
         device = record.get("device") if isinstance(record, dict) else None
         kind = device.get("kind", "") if isinstance(device, dict) else ""
-        if record.get(key) and record.get("complete", True) and _same_card(kind, devices):
+        usable = record.get(key) and record.get("complete", True) and not _saw_the_future(record)
+        if usable and _same_card(kind, devices):
             record["_path"] = str(path.relative_to(RESULTS.parent.parent))
             plain = record.get("batch", "plain") == "plain"  # packed rows run a different kernel
             found.append((record.get("experiment") == experiment, plain, str(record.get("date", "")), record))
     return max(found, key=lambda f: f[:3])[3] if found else None
+
+
+def _saw_the_future(record: BenchmarkRecord) -> bool:
+    """A causal model's loss on random tokens stays near ln(V); one far under it attended to
+    later tokens, so the step it timed is not the model's (throughput.py warns of the same)."""
+    vocab = record.get("config", {}).get("model", {}).get("vocab_size", 0)
+    loss = record.get("final_loss")
+    return bool(vocab) and loss is not None and loss < 0.5 * math.log(vocab)
 
 
 def _same_card(kind: str, devices: hardware.Devices) -> bool:
@@ -315,7 +327,7 @@ def _card_of(kind: str) -> str:
     return next((name for name, _ in flops.PEAK_TFLOPS if name.lower() in kind.lower()), kind)
 
 
-def _record_name(record: dict) -> str:
+def _record_name(record: BenchmarkRecord) -> str:
     return f"{record['_path']} ({record.get('experiment')}, {str(record.get('date', ''))[:10]})"
 
 
