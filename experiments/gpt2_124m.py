@@ -5,10 +5,10 @@ that bigger GPT-2 experiments and real-data runs change a few fields of.
 Data: the stdlib corpus with a 32768-piece BPE tokenizer (~3.1M training tokens), so the
 model has 111M parameters here, and the whole 2000 steps (33M tokens) see ~10 epochs of
 stdlib; point `data.source=parquet data.path=...` (or jsonl) at a real corpus for a real run.
-How long: ~75 s of training on one H100 (33M tokens; its step measured 450k tokens/s at the
-GPT-2 vocabulary, README speed table), plus ~20 s of compile; not for CPUs.
-Expect: training loss well under 1.0 by the end (it memorises stdlib); held-out bits per
-byte bottoming out near 1.0 then rising as it overfits.
+How long: ~75 s of training on one H100 at the step speed measured there on 2026-11-26
+(450k tokens/s at the GPT-2 vocabulary; docs/speed.md), plus ~20 s of compile; not for CPUs.
+Expect: on stdlib it memorises (~10 epochs): the training loss falls far below the held-out
+loss, which bottoms out and then rises as it overfits.
 """
 
 from lmjax.config import Data, Experiment, Model, Optim, Train

@@ -2,8 +2,8 @@
 
 What for: nanoGPT's and nanodo's second measured size (batch 8, seq 1024, bf16).
 Data: as gpt2_124m (stdlib, 32768-piece BPE), so ~752M parameters here.
-How long: ~10 minutes on one H100 (49M tokens at the measured 79k tokens/s), plus ~35 s of
-compile; not for CPUs.
+How long: ~10 minutes on one H100 (49M tokens at the 79k tokens/s measured there on
+2026-11-26; docs/speed.md), plus ~35 s of compile; not for CPUs.
 Expect: memorises stdlib; useful for speed and memory, and as the base of real-data runs.
 """
 

@@ -5,10 +5,10 @@ data and token budget) on one GPU. Model: gpt2_124m (12 x 768, seq 1024, bf16).
 Data: stdlib with an 8192-piece BPE (~4M training tokens), so the 400 steps of 16 x 1024 tokens
 (6.6M tokens) are ~1.6 epochs: short enough that neither run is mostly memorising. For a
 comparison that carries over to real pretraining, point `data.*` at a real corpus.
-How long: estimated ~20 s of training per run on an H100 at 0.4M tokens/s, plus compile and the
-whole validation split scored every 25 steps; not for CPUs.
-Expect: not yet measured; `recipe_improved_gpu` should reach this run's final held-out loss
-with fewer tokens, as the CPU pair does (benchmarks/results/recipe-cpu-cpu1.json).
+How long: ~20 s of training per run on an H100 at gpt2_124m's step speed there (docs/speed.md),
+plus compile and the whole validation split scored every 25 steps; not for CPUs.
+Expect: `recipe_improved_gpu` to reach this run's final held-out loss with fewer tokens, as
+on the CPU pair (39% fewer on a 2-core x86_64 CPU, 2026-11-26: benchmarks/results/recipe-cpu-cpu1.json).
 """
 
 import dataclasses

@@ -3,13 +3,14 @@
 What for: the same model size, data, batch and token budget as `recipe_gpt2_cpu`, trained with
 what public speedruns (modded-nanogpt) found learns more per token: Muon for the hidden
 matrices (AdamW for embeddings, norms and biases), QK-norm, zero-initialised output
-projections, a logit soft-cap, a small z-loss and a warmup-stable-decay schedule. ReLU² was
-measured here too and left out: at this size it cost 0.04 nats of held-out loss against GELU
-(`--set model.mlp=relu2`; benchmarks/results/recipe-custom-cpu1-relu2.json).
-How long: about 5 minutes on a 2-core CPU, as the baseline.
-Expect: held-out ~2.74 nats/token, ~1.39 bits/byte at the end, against the GPT-2 recipe's 3.15
-and 1.60; it reaches the baseline's final loss with about a third fewer tokens
-(benchmarks/results/recipe-cpu-cpu1.json, the README's recipe table).
+projections, a logit soft-cap, a small z-loss and a warmup-stable-decay schedule. ReLU² is left
+out: at this size it cost 0.04 nats of held-out loss against GELU (`--set model.mlp=relu2`;
+benchmarks/results/recipe-custom-cpu1-relu2.json).
+How long: as the baseline, with Muon's Newton-Schulz steps on top: 2.7k tokens/s against the
+baseline's 4.0k, measured side by side on a 2-core x86_64 CPU, 2026-11-26.
+Expect: held-out 2.74 nats/token, 1.39 bits/byte at the end, against the GPT-2 recipe's 3.15
+and 1.60; it reaches the baseline's final loss with 39% fewer tokens (2-core x86_64 CPU,
+2026-11-26: benchmarks/results/recipe-cpu-cpu1.json, docs/recipes.md).
 """
 
 import dataclasses

@@ -3,9 +3,10 @@
 What for: the same model, data, batch and token budget as `recipe_gpt2_gpu`, with the options
 of `recipe_improved_cpu` (Muon for the hidden matrices, QK-norm, zero-init projections,
 logit soft-cap, z-loss, warmup-stable-decay).
-How long: as the baseline, plus Muon's Newton–Schulz iterations (5 per matrix per step).
-Expect: not yet measured; on the CPU pair the same options reached the GPT-2 recipe's final
-held-out loss with about a third fewer tokens (benchmarks/results/recipe-cpu-cpu1.json).
+How long: as the baseline, plus Muon's Newton-Schulz iterations (5 per matrix per step).
+Expect: to reach the GPT-2 recipe's final held-out loss with fewer tokens, as the same options
+do on the CPU pair (39% fewer on a 2-core x86_64 CPU, 2026-11-26:
+benchmarks/results/recipe-cpu-cpu1.json).
 """
 
 import dataclasses
