@@ -14,29 +14,29 @@ def random_batch(
     loader's layout (`lmjax.data.loader.windows`), documents of lengths drawn uniformly from
     [seq_len/16, seq_len] back to back, segment ids counting from 1 and positions restarting
     at each document; the target that would predict the next document's first token is masked."""
-    n = seq_len + 1  # inputs and targets
-    tokens_BN = rng.integers(0, vocab, (batch_size, n), dtype=np.int32)
+    n = seq_len + 1  # T1 = T + 1: inputs and targets
+    tokens_BT1 = rng.integers(0, vocab, (batch_size, n), dtype=np.int32)
     if not packed:
         return {
-            "inputs": tokens_BN[:, :-1],
-            "targets": tokens_BN[:, 1:],
+            "inputs": tokens_BT1[:, :-1],
+            "targets": tokens_BT1[:, 1:],
             "loss_mask": np.ones((batch_size, seq_len), np.float32),
         }
-    segments_BN = np.ones((batch_size, n), np.int32)
-    positions_BN = np.zeros((batch_size, n), np.int32)
+    segments_BT1 = np.ones((batch_size, n), np.int32)
+    positions_BT1 = np.zeros((batch_size, n), np.int32)
     for row in range(batch_size):
         start, doc = 0, 1
         while start < n:
             end = min(n, start + int(rng.integers(max(1, seq_len // 16), seq_len + 1)))
-            segments_BN[row, start:end] = doc
-            positions_BN[row, start:end] = np.arange(end - start)
+            segments_BT1[row, start:end] = doc
+            positions_BT1[row, start:end] = np.arange(end - start)
             start, doc = end, doc + 1
     return {
-        "inputs": tokens_BN[:, :-1],
-        "targets": tokens_BN[:, 1:],
-        "segment_ids": segments_BN[:, :-1],
-        "positions": positions_BN[:, :-1],
-        "loss_mask": (segments_BN[:, 1:] == segments_BN[:, :-1]).astype(np.float32),
+        "inputs": tokens_BT1[:, :-1],
+        "targets": tokens_BT1[:, 1:],
+        "segment_ids": segments_BT1[:, :-1],
+        "positions": positions_BT1[:, :-1],
+        "loss_mask": (segments_BT1[:, 1:] == segments_BT1[:, :-1]).astype(np.float32),
     }
 
 

@@ -78,14 +78,16 @@ def test_sampling_never_leaves_the_allowed_set(top_k, top_p):
     logits_BV = jax.random.normal(jax.random.key(1), (4, 64)) * 3
     keys = jax.random.split(jax.random.key(2), 300)
     draw = jax.jit(jax.vmap(sampling.choose, in_axes=(None, 0, None, None, None)))
-    drawn_NB = np.asarray(draw(logits_BV, keys, 1.0, top_k, top_p))
+    drawn = np.asarray(  # [draws, B]
+        draw(logits_BV, keys, 1.0, top_k, top_p)
+    )
     for b in range(4):
         allowed = _allowed_by_hand(np.asarray(logits_BV[b], np.float64), top_k, top_p)
         mask = np.asarray(sampling.allowed(logits_BV[b : b + 1], jnp.int32(top_k), jnp.float32(top_p))[0])
         assert set(np.flatnonzero(mask).tolist()) == allowed
-        assert set(drawn_NB[:, b].tolist()) <= allowed
+        assert set(drawn[:, b].tolist()) <= allowed
         if len(allowed) <= 5:  # 300 draws reach every allowed id of a handful
-            assert set(drawn_NB[:, b].tolist()) == allowed
+            assert set(drawn[:, b].tolist()) == allowed
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

@@ -203,18 +203,18 @@ def test_cached_decoding_with_every_option_equals_the_full_forward_pass():
     # Each row alone, zeros after it (causal: they change nothing before them), in one call.
     T = max(len(s) for s in seqs)
     full = np.asarray(reference(jnp.asarray([np.pad(s, (0, T - len(s))) for s in seqs])))
-    P = max(p for p, _ in ROWS)
-    start_B = np.array([P - p for p, _ in ROWS], np.int32)
-    prompts_BP = np.zeros((len(ROWS), P), np.int32)
+    prompt_len = max(p for p, _ in ROWS)
+    start_B = np.array([prompt_len - p for p, _ in ROWS], np.int32)
+    prompts_BT = np.zeros((len(ROWS), prompt_len), np.int32)
     for b, (p, _) in enumerate(ROWS):
-        prompts_BP[b, start_B[b] :] = seqs[b][:p]
+        prompts_BT[b, start_B[b] :] = seqs[b][:p]
     graphdef, params = nnx.split(reference)
     decode = jax.jit(lambda params, tokens_BT, cache: nnx.merge(graphdef, params).decode(tokens_BT, cache))
 
-    cache = model.init_cache(reference.cfg, jnp.asarray(start_B), P + 3)
-    logits_BTV, cache = decode(params, jnp.asarray(prompts_BP), cache)
+    cache = model.init_cache(reference.cfg, jnp.asarray(start_B), prompt_len + 3)
+    logits_BTV, cache = decode(params, jnp.asarray(prompts_BT), cache)
     for b, (p, _) in enumerate(ROWS):
-        np.testing.assert_allclose(logits_BTV[b, P - p :], full[b][:p], atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(logits_BTV[b, prompt_len - p :], full[b][:p], atol=2e-5, rtol=2e-5)
     for t in range(3):
         tokens_B1 = np.array([[s[p + t]] for s, (p, _) in zip(seqs, ROWS, strict=True)], np.int32)
         logits_BTV, cache = decode(params, jnp.asarray(tokens_B1), cache)

@@ -53,11 +53,11 @@ def max_segments(splits: Sequence[Split], seq_len: int) -> int:
     """The most documents any window of these splits holds (sizes the cuDNN packed kernel)."""
     most = 1
     for split in splits:
-        starts_W = np.arange(num_windows(split, seq_len)) * seq_len
-        begun_inside_W = np.searchsorted(split.starts, starts_W + seq_len) - np.searchsorted(
-            split.starts, starts_W, side="right"
+        window_starts = np.arange(num_windows(split, seq_len)) * seq_len
+        begun_inside = np.searchsorted(split.starts, window_starts + seq_len) - np.searchsorted(
+            split.starts, window_starts, side="right"
         )
-        most = max(most, int(begun_inside_W.max(initial=0)) + 1)
+        most = max(most, int(begun_inside.max(initial=0)) + 1)
     return most
 
 
@@ -184,22 +184,23 @@ class EvalBatches(Sequence):
             shares = [
                 min(len(ids), round(wanted * w / sum(weights))) for ids, w in zip(parts, weights, strict=True)
             ]
-            ids_N2 = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
+            window_ids = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
         else:
-            ids_N2 = np.concatenate(parts)
-        self.windows = len(ids_N2)
-        self._ids_N2 = np.pad(ids_N2, ((0, -len(ids_N2) % batch_size), (0, 0)))
+            window_ids = np.concatenate(parts)
+        self.windows = len(window_ids)
+        # [windows, 2]: (corpus, window) pairs, padded to whole batches
+        self._window_ids = np.pad(window_ids, ((0, -len(window_ids) % batch_size), (0, 0)))
         self._batch_size, self._rows = batch_size, rows
         self._materialize = _Materialize(splits, seq_len, rows)
 
     def __len__(self) -> int:
-        return len(self._ids_N2) // self._batch_size
+        return len(self._window_ids) // self._batch_size
 
     def __getitem__(self, i: int) -> Batch:
         if not 0 <= i < len(self):
             raise IndexError(i)
         first = i * self._batch_size
-        ids_B2 = self._ids_N2[first : first + self._batch_size]
+        ids_B2 = self._window_ids[first : first + self._batch_size]
         batch = self._materialize(tuple(ids_B2.T))
         row_B = first + (np.arange(self._batch_size) if self._rows is None else self._rows)
         batch["loss_mask"][row_B >= self.windows] = 0  # the padding rows

@@ -32,11 +32,11 @@ class Blocks:
     def take(self, idx: np.ndarray) -> np.ndarray:
         """tokens[idx] for an index array of any shape, reading each needed block once."""
         block_ids, where = np.unique(idx // self.block_tokens, return_inverse=True)
-        blocks_KB = np.zeros((len(block_ids), self.block_tokens), self.dtype)
+        blocks = np.zeros((len(block_ids), self.block_tokens), self.dtype)
         for k, record in enumerate(self._source.__getitems__(block_ids.tolist())):
             block = np.frombuffer(record, self.dtype)
-            blocks_KB[k, : len(block)] = block
-        return blocks_KB[where.reshape(idx.shape), idx % self.block_tokens]
+            blocks[k, : len(block)] = block
+        return blocks[where.reshape(idx.shape), idx % self.block_tokens]
 
 
 class StreamWriter:
