@@ -141,10 +141,10 @@ def check(exp: config.Experiment) -> tuple[Any, dict[str, Any]]:
     with sharding.use(mesh, exp.mesh.rules):
         graphdef, state, shardings = step.abstract_state(exp, tx, mesh)
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
-        placement = sharding.BatchPlacement(mesh, exp.train.batch_size)
+        batch_sh = sharding.batch_sharding(mesh)
         shape = (exp.train.batch_size, exp.model.seq_len)
         batch = {  # shapes only: the step is compiled, never run
-            name: jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding)
+            name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
             for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))
         }
         compiled = train_step.lower(state, batch).compile()

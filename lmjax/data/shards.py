@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordWriter
 
 BLOCK_TOKENS = 8192
 SHARD_BLOCKS = 8192  # 64M tokens per shard file
@@ -20,9 +22,6 @@ class Blocks:
     array through `take`."""
 
     def __init__(self, paths: list[Path], n_tokens: int, dtype: np.dtype, block_tokens: int = BLOCK_TOKENS):
-        # Imported here: array_record comes with grain, which an image that only samples may lack.
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
         self._source = ArrayRecordDataSource([str(p) for p in paths])
         self._n, self.dtype, self.block_tokens = n_tokens, dtype, block_tokens
 
@@ -44,8 +43,6 @@ class StreamWriter:
     `close` saves where each document starts and returns the split's summary."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, bos_id: int, eos_id: int):
-        from array_record.python.array_record_module import ArrayRecordWriter  # as in Blocks
-
         self._new_writer = lambda path: ArrayRecordWriter(str(path), "group_size:1")
         self.folder, self.split, self.dtype, self.bos_id, self.eos_id = folder, split, dtype, bos_id, eos_id
         self.pending: list[np.ndarray] = []
