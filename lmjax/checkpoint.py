@@ -9,9 +9,12 @@ restored together:
 
 Saves are asynchronous: the arrays are copied off the devices before `save` returns, then
 written in the background into `<step>.orbax-checkpoint-tmp`, which is renamed into place only
-when every item is written. A killed save is therefore never listed, and its leftovers are
-removed when the next run opens the folder. Arrays are stored by tensorstore (zarr/OCDBT) and
-everything else as JSON: nothing in a checkpoint runs code when it is read.
+when every item is written; on a bucket, which has no rename, Orbax writes `<step>/` directly
+and marks it complete with a `commit_success.txt` object written last. A killed save is
+therefore never listed, and its leftovers are removed when the next run opens the folder. A
+save that fails raises `SaveFailed` (exit 2), naming the step that was not saved. Arrays are
+stored by tensorstore (zarr/OCDBT) and everything else as JSON: nothing in a checkpoint runs
+code when it is read.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -28,13 +30,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from lmjax import config, distributed, sharding, step
+from lmjax import config, distributed, sharding, step, storage
 from lmjax.config import UserError
 
 if TYPE_CHECKING:  # for a type only: the data stack (sentencepiece) stays off generation's path
     from lmjax.data.cache import Corpus
 
 Log = Callable[[str], None]
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written (no space, no permission, the bucket gone): exit 2,
+    with the step that was not saved and why."""
 
 
 @dataclasses.dataclass
@@ -50,12 +57,17 @@ class Checkpoints:
     """Save and restore the checkpoints of the run in `workdir`."""
 
     def __init__(
-        self, workdir: Path, cfg: config.Checkpoint | None = None, log: Log = print, read_only: bool = False
+        self,
+        workdir: storage.PathLike,
+        cfg: config.Checkpoint | None = None,
+        log: Log = print,
+        read_only: bool = False,
     ):
         """`read_only`: for reading another run's checkpoints (it may be saving right now):
         nothing is cleaned up, renamed or written."""
         cfg = cfg or config.Checkpoint()
-        self.folder, self.log, self.read_only = Path(workdir).absolute() / "checkpoints", log, read_only
+        self.folder, self.log, self.read_only = storage.path(workdir) / "checkpoints", log, read_only
+        self._in_flight: int | None = None  # the step of the save that may still be running
         keep: list[ocp.checkpoint_managers.PreservationPolicy] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
@@ -98,12 +110,27 @@ class Checkpoints:
             data=ocp.args.JsonSave(data),
             config=ocp.args.JsonSave(config.to_dict(exp)),
         )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._manager.save(int(jax.device_get(state["step"])), args=args, force=True)
+        s = int(jax.device_get(state["step"]))
+        try:  # Orbax raises here what failed in the background save before this one
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._manager.save(s, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - tensorstore, gcsfs and the OS raise many types
+            raise self._failed(e, s) from e
+        self._in_flight = s
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is complete on disk."""
-        self._manager.wait_until_finished()
+        """Block until the save in flight (if any) is complete on disk; SaveFailed if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(e, self._in_flight) from e
+
+    def _failed(self, e: Exception, s: int | None) -> SaveFailed:
+        which = f"the checkpoint of step {s}" if s is not None else "a checkpoint"
+        return SaveFailed(
+            f"{which} was not saved in {self.folder} ({storage.describe_error(e)}); free space or "
+            "fix the permissions there, then run again to resume from the newest saved step"
+        )
 
     def close(self) -> None:
         self._manager.close()
@@ -171,7 +198,7 @@ class Checkpoints:
         while dst.exists():
             dst, n = src.with_name(f"{s}.damaged{n}"), n + 1
         if jax.process_index() == 0 and src.exists():
-            src.rename(dst)
+            storage.move_folder(src, dst)
             self.log(f"moved the damaged checkpoint {src} to {dst}")
         if jax.process_count() > 1:  # every process sees the rename before it lists steps again
             multihost_utils.sync_global_devices(f"lmjax set aside checkpoint {s}")
@@ -179,7 +206,7 @@ class Checkpoints:
 
 
 def load_params(
-    workdir: str | Path,
+    workdir: storage.PathLike,
     mesh: jax.sharding.Mesh | None = None,
     model: config.Model | None = None,
     log: Log = print,
@@ -202,7 +229,7 @@ READ_MAY_CHANGE = (
 )
 
 
-def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> Saved:
+def saved_experiment(workdir: storage.PathLike, overrides: list[str], log: Log = print) -> Saved:
     """The newest checkpoint's step and JSON items in `workdir`, its experiment with `overrides`
     (READ_MAY_CHANGE: the mesh mostly) applied and checked against this machine's devices: what
     generation and evaluation run."""
@@ -220,7 +247,7 @@ def saved_experiment(workdir: Path, overrides: list[str], log: Log = print) -> S
     return dataclasses.replace(saved, exp=exp)
 
 
-def newest_saved(workdir: Path, log: Log = print) -> Saved:
+def newest_saved(workdir: storage.PathLike, log: Log = print) -> Saved:
     """The step and JSON items of the newest checkpoint of the run in `workdir` whose JSON reads
     back, read without touching the run (it may be training); UserError when there is none."""
     ckpts = Checkpoints(workdir, log=log, read_only=True)
@@ -233,12 +260,12 @@ def newest_saved(workdir: Path, log: Log = print) -> Saved:
     return saved
 
 
-def _no_checkpoint(workdir: Path) -> UserError:
-    return UserError(f"{workdir.absolute()} holds no checkpoint; train a run there first (lmjax.train)")
+def _no_checkpoint(workdir: storage.PathLike) -> UserError:
+    return UserError(f"{storage.path(workdir)} holds no checkpoint; train a run there first (lmjax.train)")
 
 
 def load_newest(
-    workdir: str | Path,
+    workdir: storage.PathLike,
     mesh: jax.sharding.Mesh | None = None,
     model: config.Model | None = None,
     log: Log = print,
@@ -250,7 +277,7 @@ def load_newest(
     on this process's first device. `model`: restore into this model's dtypes instead of the saved one's,
     after checking that every parameter has the same shape (a warm start). UserError (exit 2)
     when there is no checkpoint or a shape differs."""
-    workdir = Path(workdir).absolute()
+    workdir = storage.path(workdir)
     ckpts = Checkpoints(workdir, log=log, read_only=True)  # that run may be saving right now
     if not ckpts.steps():
         raise _no_checkpoint(workdir)
@@ -308,7 +335,7 @@ _DAMAGE_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError)
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 
 
-def _agreed_failure(s: int, failure: Exception | None, where: Path) -> Exception | None:
+def _agreed_failure(s: int, failure: Exception | None, where: storage.Path) -> Exception | None:
     """This process's restore outcome of step `s`, made the same on every process. Each reads
     only its own shards, so a damaged one may fail on its process alone; then the others wait
     in Orbax's barrier after their reads and cannot follow it to an older step: this process

@@ -15,15 +15,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lmjax import checkpoint, config, sharding, step
-from lmjax.atomic import write_atomic
+from lmjax import checkpoint, config, sharding, step, storage
 from lmjax.config import UserError
 from lmjax.data import cache, loader
 from lmjax.data.tokenizer import Tokenizer
@@ -93,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        result = evaluate(Path(args.workdir), args.split, args.set)
+        result = evaluate(args.workdir, args.split, args.set)
     except UserError as e:
         print(f"lmjax: error: {e}", file=sys.stderr)
         return 2
@@ -105,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Evaluate the newest checkpoint in `workdir` on every window of `split`; the result is
-    also written to `workdir/eval.json`."""
+def evaluate(
+    workdir: storage.PathLike, split: str = "validation", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Evaluate the newest checkpoint in `workdir` (a folder or a bucket) on every window of
+    `split`; the result is also written to `workdir/eval.json`."""
+    workdir = storage.path(workdir)
     exp = checkpoint.saved_experiment(workdir, list(overrides), log=_print).exp
     run_tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     corpus = cache.load_or_build(exp.data, log=_print)
@@ -138,7 +139,7 @@ def evaluate(workdir: Path, split: str = "validation", overrides: Sequence[str] 
         "devices": f"{jax.device_count()} {jax.devices()[0].device_kind}",
         "config": config.to_dict(exp),
     }
-    write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    storage.write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

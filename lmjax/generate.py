@@ -18,14 +18,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lmjax import checkpoint, config, model, sampling, sharding, step
+from lmjax import checkpoint, config, model, sampling, sharding, step, storage
 from lmjax.config import UserError
 from lmjax.data.tokenizer import Tokenizer
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sample(workdir: str | Path, prompts: str | Sequence[str], **settings: Any) -> list[str]:
+def sample(workdir: storage.PathLike, prompts: str | Sequence[str], **settings: Any) -> list[str]:
     """Continuations of `prompts` by the newest checkpoint in `workdir` (see Generator.sample)."""
     return Generator.from_workdir(workdir).sample(prompts, **settings)
 
@@ -131,10 +130,12 @@ class Generator:
         self._init_cache = jax.jit(functools.partial(model.init_cache, exp.model), static_argnums=1)
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, overrides: Sequence[str] = (), log: Log = print) -> Generator:
+    def from_workdir(
+        cls, workdir: storage.PathLike, overrides: Sequence[str] = (), log: Log = print
+    ) -> Generator:
         """The newest checkpoint of the run in `workdir` and its tokenizer, on the run's mesh
         (`overrides`: `mesh.*=...` for another machine)."""
-        workdir = Path(workdir)
+        workdir = storage.path(workdir)
         exp = checkpoint.saved_experiment(workdir, list(overrides), log).exp
         mesh = sharding.make_mesh(exp)
         with sharding.use(mesh, exp.mesh.rules):  # every checkpoint of a run has the same shapes

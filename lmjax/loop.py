@@ -1,7 +1,7 @@
 """The training loop: `run(exp, workdir)` builds the mesh, data, sharded state (resumed from the
 workdir's newest checkpoint where there is one: resume.py) and jitted step, and trains, logging
-to WORKDIR/metrics.jsonl and saving checkpoints (checkpoint.py). `lmjax.train` is its command
-line.
+to WORKDIR/metrics.jsonl and saving checkpoints (checkpoint.py). The workdir may be a local
+folder or a bucket (storage.py). `lmjax.train` is its command line.
 """
 
 from __future__ import annotations
@@ -10,12 +10,22 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 
-from lmjax import checkpoint, config, distributed, evaluate, flops, optim, resume, sharding, step, xla_flags
-from lmjax.atomic import write_atomic
+from lmjax import (
+    checkpoint,
+    config,
+    distributed,
+    evaluate,
+    flops,
+    optim,
+    resume,
+    sharding,
+    step,
+    storage,
+    xla_flags,
+)
 from lmjax.data import cache, loader
 from lmjax.metrics import Logger, StepTrace, Throughput
 from lmjax.stop_signals import StopRequests
@@ -27,18 +37,20 @@ class Diverged(Exception):
     """The loss or gradient became non-finite: exit status 3, the last good checkpoint kept."""
 
 
-def run(exp: config.Experiment, workdir: Path) -> dict[str, float]:
+def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
     """Train `exp` (validated) in `workdir`, resuming from its newest checkpoint if it has one;
     returns the last logged metrics and held-out results. Once training starts, SIGTERM/SIGINT
     stop it after the current step with a checkpoint (stop_signals); before, nothing is lost to
-    them."""
+    them. A workdir that cannot be written stops the run before any work (UserError), a
+    checkpoint that cannot be saved stops it at that save (checkpoint.SaveFailed)."""
     # Both before anything touches the devices: XLA reads its flags when the backend starts.
     if exp.train.xla_flags:
         xla_flags.apply(log=_print)
     distributed.initialize(exp.train.heartbeat_timeout_s, log=_print)
 
-    workdir = workdir.absolute()
+    workdir = storage.path(workdir)
     sharding.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
+    storage.check_writable(workdir, "the workdir")  # a bad bucket or credentials: exit 2 now
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
     exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
     # Process 0 builds the token cache first: on a shared file system the others then read it.
@@ -109,6 +121,7 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, float]:
         trace = StepTrace(workdir / "profile", t.profile_steps, log.print)
         every = exp.checkpoint.every
         stop_vote = distributed.StopVote(mesh)
+        stopped_at = 0
         try:
             for done in range(first + 1, t.steps + 1):
                 trace.before(done)
@@ -127,25 +140,32 @@ def run(exp: config.Experiment, workdir: Path) -> dict[str, float]:
                     stopping = done < t.steps and stop_vote(done, stop.requested)  # a signal during that wait
                 if save_due or stopping:
                     ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
+                    log.sync()  # a bucket's copy of the metrics: every step up to this checkpoint
                 if stopping:
-                    ckpts.wait()
-                    log.close()
-                    by = stop.requested or "a signal to another process"
-                    _print(
-                        f"stopped by {by} at step {done} of {t.steps}; saved in {ckpts.folder / str(done)}; "
-                        "run the same command to resume"
-                    )
-                    return last
+                    stopped_at = done
+                    break
                 if evaluate_now:
                     scores = held_out(state["params"])
                     last.update(scores)
                     log.write({"step": done, **{k: scores[k] for k in _EVAL_LOGGED}})
+                    log.sync()
                     throughput.restart(done * tokens_per_step)
-        finally:
+        except BaseException:
             trace.stop()  # a trace an error cut short
             if not stop.interrupted:  # a second Ctrl-C: out at once (an unfinished save is never taken)
                 _finish_saving(ckpts)
+            raise
+        trace.stop()
+        ckpts.wait()  # the last save: SaveFailed (exit 2) if it could not be written
+        ckpts.close()
         log.close()
+    if stopped_at:
+        by = stop.requested or "a signal to another process"
+        _print(
+            f"stopped by {by} at step {stopped_at} of {t.steps}; saved in {ckpts.folder / str(stopped_at)}; "
+            "run the same command to resume"
+        )
+        return last
     _print(
         f"done: {t.steps} steps, loss {last['loss']:.4f}, held-out loss {last['eval_loss']:.4f}, "
         f"{last['eval_bpb']:.4f} bits/byte ({workdir})"
@@ -163,11 +183,11 @@ def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int
     )
 
 
-def _write_run_files(workdir: Path, exp: config.Experiment, corpus: cache.Corpus) -> None:
+def _write_run_files(workdir: storage.Path, exp: config.Experiment, corpus: cache.Corpus) -> None:
     """The resolved config (replaced whole, never half-written) and the tokenizer, by process 0."""
     if not distributed.is_main():
         return
-    write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
+    storage.write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
 
 
@@ -178,8 +198,8 @@ def _print(message: str) -> None:
 
 
 def _finish_saving(ckpts: checkpoint.Checkpoints) -> None:
-    """Let a save in flight (a good state) complete; a failure here is reported, not raised
-    over the error that ended the loop."""
+    """Let a save in flight (a good state) complete after an error ended the loop; a failure
+    here is reported, not raised over that error."""
     try:
         ckpts.wait()
         ckpts.close()

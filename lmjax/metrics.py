@@ -1,19 +1,24 @@
 """Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step), a progress bar, and
-TensorBoard event files in `WORKDIR/tensorboard` when asked (`train.tensorboard`)."""
+TensorBoard event files in `WORKDIR/tensorboard` when asked (`train.tensorboard`).
+
+A bucket has no append: for a workdir there, these files grow in a local staging folder and
+are uploaded whole at every checkpoint, evaluation and at the end (`Logger.sync`), so a step
+costs no request; what a preempted host had not uploaded belongs to steps after the newest
+checkpoint, which the resumed run redoes and logs again."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
 
-from lmjax.atomic import write_atomic
+from lmjax import storage
 from lmjax.config import UserError
 
 Record = dict[str, float]  # one metrics.jsonl line: "step" and what was measured at it
@@ -32,7 +37,7 @@ class Logger:
 
     def __init__(
         self,
-        workdir: Path,
+        workdir: storage.Path,
         total_steps: int,
         first_step: int = 0,
         progress: bool = True,
@@ -42,12 +47,17 @@ class Logger:
         self._file = None
         self._tensorboard = None
         self.time_offset = 0.0
+        # where the files grow: the workdir itself, or a local stand-in for a bucket's
+        self._bucket = workdir if storage.is_bucket(workdir) else None
+        self._local = storage.staging_folder() if self._bucket else workdir
         if active:
             kept = _discard_after(workdir / "metrics.jsonl", first_step, workdir / "metrics.discarded.jsonl")
-            self.time_offset = next((r["time"] for r in reversed(kept) if "time" in r), 0.0)
-            self._file = open(workdir / "metrics.jsonl", "a")
+            self.time_offset = next((r["time"] for r, _ in reversed(kept) if "time" in r), 0.0)
+            if self._bucket:
+                (self._local / "metrics.jsonl").write_text("".join(line for _, line in kept))
+            self._file = open(self._local / "metrics.jsonl", "a")
             if tensorboard:
-                self._tensorboard = TensorBoard(workdir / "tensorboard", first_step)
+                self._tensorboard = TensorBoard(self._local / "tensorboard", first_step)
         self._bar = tqdm(
             total=total_steps,
             initial=first_step,
@@ -76,12 +86,21 @@ class Logger:
         if self._file is not None:
             self._bar.write(message, file=sys.stderr)
 
+    def sync(self) -> None:
+        """Upload the files to a bucket workdir, each replaced whole (local workdirs: nothing to do)."""
+        if self._bucket is not None and self._file is not None:
+            self._file.flush()
+            storage.upload_folder(self._local, self._bucket)
+
     def close(self) -> None:
         self._bar.close()
-        if self._file is not None:
-            self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+        self.sync()
+        if self._file is not None:
+            self._file.close()
+        if self._bucket is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
 
 
 class TensorBoard:
@@ -91,7 +110,7 @@ class TensorBoard:
 
     NOT_SCALARS = ("step", "tokens", "time")  # the x axes, not metrics
 
-    def __init__(self, folder: Path, first_step: int):
+    def __init__(self, folder: storage.Path, first_step: int):
         try:  # optional: not every accelerator image has tensorboardX
             from tensorboardX import SummaryWriter
         except ImportError as e:
@@ -110,18 +129,19 @@ class TensorBoard:
         self._writer.close()
 
 
-def _discard_after(path: Path, step: int, discarded: Path) -> list[Record]:
-    """Moves the lines of steps after `step` to `discarded`; returns the records kept."""
+def _discard_after(path: storage.Path, step: int, discarded: storage.Path) -> list[tuple[Record, str]]:
+    """Moves the lines of steps after `step` to `discarded`; returns the (record, line) kept."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines(keepends=True)
     records = [_record_of(line) for line in lines]  # each line parsed once
     keep = [r is not None and r["step"] <= step for r in records]
     if not all(keep):
-        with discarded.open("a") as f:
-            f.writelines(line for line, k in zip(lines, keep, strict=True) if not k)
-        write_atomic(path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
-    return [r for r, k in zip(records, keep, strict=True) if k]
+        gone = "".join(line for line, k in zip(lines, keep, strict=True) if not k)
+        before = discarded.read_text() if discarded.exists() else ""  # no append on a bucket
+        storage.write_atomic(discarded, (before + gone).encode())
+        storage.write_atomic(path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
+    return [(r, line) for r, line, k in zip(records, lines, keep, strict=True) if k]
 
 
 def _record_of(line: str) -> Record | None:
@@ -155,14 +175,17 @@ class StepTrace:
     profile plugin or Perfetto. The last traced step is waited for, so the trace holds it;
     `stop` ends a trace an error interrupted."""
 
-    def __init__(self, folder: Path, steps: tuple[int, ...], log: Callable[[str], None]):
+    def __init__(self, folder: storage.Path, steps: tuple[int, ...], log: Callable[[str], None]):
         self.folder, self.log = folder, log
+        self._local = folder
         self.first, self.last = steps if steps else (0, -1)
         self._running = False
 
     def before(self, step: int) -> None:
         if step == self.first:
-            jax.profiler.start_trace(str(self.folder))
+            if storage.is_bucket(self.folder):  # jax writes local files: uploaded at the end
+                self._local = storage.staging_folder()
+            jax.profiler.start_trace(str(self._local))
             self._running = True
 
     def after(self, step: int, outputs: Any) -> None:
@@ -176,3 +199,5 @@ class StepTrace:
         if self._running:
             jax.profiler.stop_trace()
             self._running = False
+            if self._local != self.folder:
+                storage.upload_folder(self._local, self.folder)

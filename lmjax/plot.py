@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from lmjax import storage
 from lmjax.config import UserError
 
 X_AXES = ("tokens", "step", "time")
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def default_out(dirs: Sequence[str | Path]) -> Path:
-    return Path(dirs[0]) / "loss.png" if len(dirs) == 1 else Path("loss.png")
+    """DIR/loss.png for one local run; loss.png here for several, or for a run on a bucket."""
+    one_local = len(dirs) == 1 and not storage.is_bucket(dirs[0])
+    return Path(dirs[0]) / "loss.png" if one_local else Path("loss.png")
 
 
 def plot_runs(
@@ -80,7 +83,7 @@ def plot_runs(
     left as it was (show it with `IPython.display.Image(out)` or `display(fig)`)."""
     if x not in X_AXES:
         raise UserError(f"--x {x}: give one of {', '.join(X_AXES)}")
-    runs = [read_run(Path(d), label) for d, label in zip(dirs, _labels(dirs), strict=True)]
+    runs = [read_run(storage.path(d), label) for d, label in zip(dirs, _labels(dirs), strict=True)]
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     for i, run in enumerate(runs):
@@ -115,11 +118,11 @@ def _decorate(ax: Axes, x: str, ylim: Sequence[float] | None) -> None:
 
 def _labels(dirs: Sequence[str | Path]) -> list[str]:
     """Each run's folder name; the path as given where two names are the same."""
-    names = [Path(d).absolute().name for d in dirs]
+    names = [storage.path(d).name for d in dirs]
     return [n if names.count(n) == 1 else str(d) for n, d in zip(names, dirs, strict=True)]
 
 
-def read_run(workdir: Path, label: str) -> Curves:
+def read_run(workdir: storage.Path, label: str) -> Curves:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(
@@ -148,7 +151,7 @@ def read_run(workdir: Path, label: str) -> Curves:
     )
 
 
-def _records(path: Path) -> list[dict[str, float]]:
+def _records(path: storage.Path) -> list[dict[str, float]]:
     """metrics.jsonl's lines in step order, without a last line a kill cut short."""
     records = []
     for line in path.read_text().splitlines():

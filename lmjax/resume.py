@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import optax
 from flax import nnx
 
-from lmjax import checkpoint, config, step
-from lmjax.atomic import write_atomic
+from lmjax import checkpoint, config, step, storage
 from lmjax.config import UserError
 from lmjax.data import loader
 from lmjax.data.cache import Corpus
@@ -88,7 +86,9 @@ def check_resume(
     return notes
 
 
-def check_workdir(exp: config.Experiment, workdir: Path, ckpts: checkpoint.Checkpoints) -> config.Experiment:
+def check_workdir(
+    exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Checkpoints
+) -> config.Experiment:
     """Before any tokenizing: refuse a setting a resumed run cannot change (against the newest
     checkpoint, or the config.json of a run that has none yet), and point a warm start at its
     tokenizer. Returns the experiment with that tokenizer filled in. (`start_state` checks
@@ -115,7 +115,7 @@ def resolve_from_data(exp: config.Experiment, corpus: Corpus) -> config.Experime
 
 def start_state(
     exp: config.Experiment,
-    workdir: Path,
+    workdir: storage.Path,
     corpus: Corpus,
     ckpts: checkpoint.Checkpoints,
     tx: optax.GradientTransformation,
@@ -158,7 +158,7 @@ def start_state(
     return graphdef, state, shardings, None
 
 
-def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool) -> config.Experiment:
+def _tokenizer_of_warm_start(exp: config.Experiment, workdir: storage.Path, fresh: bool) -> config.Experiment:
     """A warm start keeps the tokenizer its parameters were trained with (unless
     data.tokenizer_path says otherwise), copied into this run's workdir when it starts, so
     resuming it later does not depend on the other run's folder."""
@@ -167,14 +167,14 @@ def _tokenizer_of_warm_start(exp: config.Experiment, workdir: Path, fresh: bool)
         return exp
     mine = workdir / "tokenizer.model"
     if fresh:
-        theirs = Path(source).absolute() / "tokenizer.model"
+        theirs = storage.path(source) / "tokenizer.model"
         if not theirs.exists():
             raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
-        write_atomic(mine, theirs.read_bytes())
+        storage.write_atomic(mine, theirs.read_bytes())
     return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
 
 
-def _read_config(workdir: Path) -> config.Experiment:
+def _read_config(workdir: storage.Path) -> config.Experiment:
     try:
         return config.from_dict(json.loads((workdir / "config.json").read_text()))
     except (ValueError, TypeError, KeyError) as e:

@@ -5,15 +5,17 @@ exits 2 in well under a second), then trains it in DIR (`lmjax.loop.run`): the m
 sharded state (resumed from DIR's newest checkpoint where there is one) and jitted step, with
 metrics in DIR/metrics.jsonl and checkpoints in DIR/checkpoints.
 
-Exit status: 0 trained (or already done), 2 a setting or the workdir needs fixing, 3 the loss
-or gradient became non-finite (the last good checkpoint kept), 130 interrupted twice.
+DIR may be a bucket (`gs://bucket/run`): see docs/cloud-storage.md.
+
+Exit status: 0 trained (or already done), 2 a setting or the workdir needs fixing (a workdir
+that cannot be written, or a checkpoint that could not be saved, included), 3 the loss or
+gradient became non-finite (the last good checkpoint kept), 130 interrupted twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lmjax import config
 from lmjax.config import UserError
@@ -22,7 +24,9 @@ from lmjax.config import UserError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmjax.train", description=__doc__.split("\n\n")[1])
     parser.add_argument("--experiment", required=True, help="a shipped experiment name or a .py path")
-    parser.add_argument("--workdir", required=True, help="run folder: config, metrics, checkpoints")
+    parser.add_argument(
+        "--workdir", required=True, help="run folder or bucket (gs://...): config, metrics, checkpoints"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         exp = config.apply_overrides(config.load_experiment(args.experiment), args.set)
         config.validate(exp)
-        return _train(exp, Path(args.workdir))
+        return _train(exp, args.workdir)
     except UserError as e:
         return _error(e, 2)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the newest complete checkpoint kept
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(exp: config.Experiment, workdir: Path) -> int:
+def _train(exp: config.Experiment, workdir: str) -> int:
     from lmjax import loop  # jax and the model stack: only once the config has passed
 
     try:

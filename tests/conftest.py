@@ -11,6 +11,7 @@ CACHE = Path(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("LMJAX_CACHE", str(Path(tempfile.gettempdir()) / "lmjax-test-data"))
+os.environ.setdefault("LMJAX_MIRROR", str(Path(tempfile.gettempdir()) / "lmjax-test-mirror"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -113,3 +114,20 @@ def short_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("short_run")
     assert train.main(tiny_train_argv(workdir, "train.steps=8", "train.eval_batches=0")) == 0
     return workdir
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS server (fake-gcs-server) on 127.0.0.1 for the session; see tests/gcs.py."""
+    import gcs
+
+    server = gcs.Server()
+    server.create_bucket("lmjax-test")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+    """A folder of its own on the test bucket for each test: "gs://lmjax-test/<test name>"."""
+    return f"gs://lmjax-test/{request.node.name.replace('[', '-').strip(']')}"

@@ -21,7 +21,7 @@ TINY_SETS = [*TINY_TRAIN_SETS, "optim.warmup_steps=2", "optim.lr=1e-2"]
 STEPS = 12
 
 
-def parameters_for_test(workdir: Path) -> str:
+def parameters_for_test(workdir: Path | str, steps: int = STEPS) -> str:
     """A cell after the parameters cell (papermill's way). The kernel is another process: it must
     be this venv's Python and see the caches conftest points at."""
     return "\n".join(
@@ -32,7 +32,7 @@ def parameters_for_test(workdir: Path) -> str:
                 f"assert os.environ.get({name!r}) == {os.environ[name]!r}"
                 for name in ("LMJAX_CACHE", "JAX_COMPILATION_CACHE_DIR")
             ),
-            f"STEPS = {STEPS}",
+            f"STEPS = {steps}",
             "INSTALL = False",
             f"WORKDIR = {str(workdir)!r}",
             f"EXTRA_SETS = {TINY_SETS!r}",
@@ -41,22 +41,27 @@ def parameters_for_test(workdir: Path) -> str:
     )
 
 
-@pytest.mark.slow  # a kernel, a training run and a sampler: ~15-30 s on 2 cores
-def test_quickstart_runs_top_to_bottom(tmp_path):
+def run_notebook(folder: Path, workdir: Path | str, steps: int = STEPS) -> tuple[dict, dict[str, str]]:
+    """Execute the notebook in a new kernel in `folder`; (its cells by tag, their text output)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
         "commit it with outputs cleared"
     )
     tags = [c.metadata.get("tags", []) for c in nb.cells]
     at = next(i for i, t in enumerate(tags) if "parameters" in t)
-    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters_for_test(tmp_path / "run")))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(parameters_for_test(workdir, steps)))
 
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     ).execute()
 
     tagged = {c.metadata["tags"][0]: c for c in nb.cells if c.metadata.get("tags")}
-    out = {tag: _text(cell) for tag, cell in tagged.items()}
+    return tagged, {tag: _text(cell) for tag, cell in tagged.items()}
+
+
+@pytest.mark.slow  # a kernel, a training run and a sampler: ~15-30 s on 2 cores
+def test_quickstart_runs_top_to_bottom(tmp_path):
+    tagged, out = run_notebook(tmp_path, tmp_path / "run")
     assert "jax " in out["install"] and "cpu" in out["install"] and "pip install" not in out["install"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -67,6 +72,19 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
     assert f"held-out at step {STEPS}:" in out["plot"]
     assert out["sample"].startswith("--- 'def '\ndef ") and "\n--- 'import '\nimport " in out["sample"]
     assert "gpt2_124m" in out["plan"]
+
+
+@pytest.mark.slow
+def test_quickstart_on_a_bucket_resumes_where_a_lost_runtime_stopped(tmp_path, bucket):
+    """WORKDIR on a bucket (the test's GCS server): a first runtime trains 6 steps and is gone;
+    a new one, run with the full STEPS, resumes from the bucket's checkpoint."""
+    workdir = f"{bucket}/quickstart"
+    run_notebook(tmp_path, workdir, steps=6)
+    _, out = run_notebook(tmp_path, workdir)
+    assert f"resuming from step 6 of {STEPS}" in out["train"]
+    assert f"held-out at step {STEPS}:" in out["plot"]
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")  # shown from a local file
+    assert out["sample"].startswith("--- 'def '\ndef ")
 
 
 def _text(cell) -> str:
@@ -99,7 +117,7 @@ def test_install_cell_picks_the_cuda_wheels_the_driver_runs(
     cell = next(
         c for c in nbformat.read(NOTEBOOK, as_version=4).cells if "install" in c.metadata.get("tags", [])
     )
-    namespace = {"INSTALL": False, "REPO": "unused"}
+    namespace = {"INSTALL": False, "REPO": "unused", "WORKDIR": "runs/quickstart"}
     exec(cell.source, namespace)
     assert namespace["accelerator_extra"]() == extra
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]

@@ -21,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmjax import config
-from lmjax.atomic import write_atomic
+from lmjax.storage import write_atomic
 from lmjax.config import UserError
 from lmjax.data import sources
 

@@ -35,14 +35,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmjax import checkpoint, config, step
-from lmjax.atomic import write_atomic
+from lmjax import checkpoint, config, step, storage
 from lmjax.config import UserError
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf import config as hf_config
 from lmjax.hf import layout as hf_layout
 from lmjax.hf import safetensors as hf_safetensors
 from lmjax.hf import tokenizer as hf_tokenizer
+from lmjax.storage import write_atomic
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors' names of the dtypes import reads
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir:
             _require(fmt == "hf", f"--workdir exports: write --to hf OUT, not --to {fmt}")
             _require(
-                Path(args.workdir).is_dir(), f"--workdir {args.workdir} is not a folder; give a run's workdir"
+                storage.path(args.workdir).is_dir(),
+                f"--workdir {args.workdir} is not a folder; give a run's workdir",
             )
-            export_hf(Path(args.workdir), dest, DTYPES.get(args.dtype or ""), _bytes(args.shard_size))
+            export_hf(storage.path(args.workdir), dest, DTYPES.get(args.dtype or ""), _bytes(args.shard_size))
         else:
             _require(fmt == "lmjax", f"--from-hf imports: write --to lmjax DIR, not --to {fmt}")
             src = Path(args.from_hf)
@@ -91,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log: Log | None = None) -> None:
+def export_hf(
+    workdir: storage.PathLike, out: Path, dtype: str | None, shard_bytes: int, log: Log | None = None
+) -> None:
     """Write the newest checkpoint of the run in `workdir` into `out` in the HF layout."""
     log = log or _print
     _require_empty(out)
-    workdir = workdir.absolute()
+    workdir = storage.path(workdir)
     saved = checkpoint.newest_saved(workdir, log)  # the run may be training now
     m = saved.exp.model
     hf_config.check_exportable(m)  # before the tokenizer or any weight is read, or anything written
@@ -133,7 +136,7 @@ def export_hf(workdir: Path, out: Path, dtype: str | None, shard_bytes: int, log
     )
 
 
-def _restore(params_dir: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _restore(params_dir: storage.Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Only the parameters `names` ("layers.w_q") of a checkpoint, as host numpy arrays."""
     item: dict[str, Any] = {}  # nested by the names' parts, as the checkpoint's tree
     args: dict[str, Any] = {}
