@@ -11,20 +11,25 @@ machine with the same files. Text files too few for a fair split by file (fewer 
 100 / validation_percent) give their last lines to validation instead. Folders skip names
 starting with "." or "_". Bytes that are not UTF-8 become U+FFFD (documented replacement).
 A text file is read whole: split a huge one into several, or use JSONL/Parquet.
+
+`data.path` may be on a bucket (`gs://...`, see files.py): the same files give the same
+documents in the same order and the same split as in a local folder. Objects are streamed
+(JSONL line by line, Parquet through a seekable file object), not copied to disk first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
+from lmjax import storage
 from lmjax.config import Source, UserError
 from lmjax.data import tfds_source
-from lmjax.data.files import split_of, stdlib_files, user_files
+from lmjax.data.files import CorpusPath, root_name, split_of, stamp, stamped_user_files, stdlib_files
 
 Document = tuple[str, str]  # (split, text), split in ("train", "validation")
 
@@ -32,11 +37,20 @@ Document = tuple[str, str]  # (split, text), split in ("train", "validation")
 _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
 
-def corpus_files(c: Source) -> tuple[Path, list[Path]]:
-    root, files = stdlib_files() if c.source == "stdlib" else user_files(c.path, _SUFFIXES.get(c.source, ()))
-    if not files:
-        raise UserError(f"{describe(c)} matches no files; point data.path at existing {c.source} files")
-    return root, files
+def corpus_files(c: Source) -> tuple[CorpusPath, list[CorpusPath]]:
+    root, stamped = _stamped_files(c)
+    return root, [path for path, _ in stamped]
+
+
+def _stamped_files(c: Source) -> tuple[CorpusPath, list[tuple[CorpusPath, str]]]:
+    if c.source == "stdlib":
+        root, paths = stdlib_files()
+        return root, [(p, stamp(p)) for p in paths]
+    root, stamped = stamped_user_files(c.path, _SUFFIXES.get(c.source, ()))
+    if not stamped:
+        kind = "text" if c.source == "files" else c.source
+        raise UserError(f"{describe(c)} matches no files; point data.path at existing {kind} files")
+    return root, stamped
 
 
 def describe(c: Source) -> str:
@@ -57,24 +71,23 @@ def documents(c: Source, validation_percent: float) -> Iterator[Document]:
 
 def fingerprint(c: Source) -> str:
     """Identifies a corpus's content cheaply: its reader, file names (from the root), sizes
-    and mtimes."""
+    and mtimes (generations on a bucket, from one listing)."""
     h = hashlib.sha256(f"{c.source}|{c.field}|{sys.version_info[:2]}".encode())
     if c.source == "tfds":
         h.update(tfds_source.fingerprint(c.name, c.path, c.field).encode())
         return h.hexdigest()[:16]
-    root, files = corpus_files(c)
-    h.update(str(root.absolute()).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"{_relative(p, root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    root, stamped = _stamped_files(c)
+    h.update(root_name(root).encode())
+    for p, file_stamp in stamped:
+        h.update(f"{_relative(p, root)}|{file_stamp}".encode())
     return h.hexdigest()[:16]
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: CorpusPath, root: CorpusPath) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
-def _keyed_files(c: Source) -> Iterator[tuple[Path, str]]:
+def _keyed_files(c: Source) -> Iterator[tuple[CorpusPath, str]]:
     root, files = corpus_files(c)
     return ((path, _relative(path, root)) for path in files)
 
@@ -140,16 +153,18 @@ def _parquet(c: Source, percent: float) -> Iterator[Document]:
     except ImportError:
         raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None
     for path, rel in _keyed_files(c):
-        try:
-            table = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-            raise UserError(
-                f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
-            ) from None
-        columns = table.schema_arrow.names
-        if c.field not in columns:
-            raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
-        rows = itertools.count()
-        for batch in table.iter_batches(columns=[c.field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
-                yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)
+        # pyarrow reads a local file by name, an object through a (seekable) file object
+        with path.open("rb") if storage.is_bucket(path) else contextlib.nullcontext(path) as source:
+            try:
+                table = pq.ParquetFile(source)
+            except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+                raise UserError(
+                    f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
+                ) from None
+            columns = table.schema_arrow.names
+            if c.field not in columns:
+                raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
+            rows = itertools.count()
+            for batch in table.iter_batches(columns=[c.field], batch_size=4096):
+                for value in batch.column(0).to_pylist():
+                    yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)

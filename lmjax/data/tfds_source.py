@@ -9,6 +9,10 @@ TFDS's minutes of retries.
 Splits: the dataset's "train", and its "validation" (else "test"); a dataset with only "train"
 sends the examples whose key `f"{builder name}:{index}"` hashes below `validation_percent` to
 validation. tensorflow_datasets is imported only when these functions run.
+
+A prepared dataset on a bucket (`gs://...`) is refused before any work: array_record's reader
+opens local files only (given a bucket URL it hangs), so the folder must be copied to
+local disk first.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from lmjax import storage
 from lmjax.config import UserError
 from lmjax.data.files import is_validation
 
@@ -99,6 +104,12 @@ def _import_tfds() -> ModuleType:
 
 
 def _prepared_builder(name: str, path: str) -> DatasetBuilder:
+    if storage.is_bucket(path):
+        raise UserError(
+            f"data.path={path}: the tfds source reads prepared datasets from local disk only "
+            f"(array_record cannot read a bucket); copy the folder to local disk "
+            f"(gcloud storage cp -r {path} DIR) and set data.path=DIR"
+        )
     tfds = _import_tfds()
     from etils import epath  # a dependency of tensorflow_datasets
 

@@ -6,7 +6,8 @@ and "\n" as a piece of its own. So `decode(encode(text)) == text` for every vali
 one that holds U+2581 ("▁", sentencepiece's own mark for a space: it decodes as a space), and
 the UTF-8 bytes behind each id are known exactly (`token_bytes`), which is what bits per byte
 needs. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS). A model loaded from `data.tokenizer_path`
-keeps its own settings and ids, but must have BOS and EOS.
+keeps its own settings and ids, but must have BOS and EOS; it may be on a bucket (`gs://...`),
+and `save` writes one there whole.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ import heapq
 import io
 import itertools
 import random
-from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from lmjax import config
-from lmjax.storage import write_atomic
+from lmjax import config, storage
 from lmjax.config import UserError
 from lmjax.data import sources
 
@@ -57,8 +56,9 @@ class Tokenizer:
         self._lines_are_independent = _lines_are_independent(model_proto)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
+    def load(cls, path: storage.PathLike) -> Tokenizer:
+        """The model at `path`, a local file or an object on a bucket."""
+        path = storage.path(path)
         if not path.is_file():
             raise UserError(f"tokenizer {path} does not exist; give an existing sentencepiece .model")
         try:
@@ -66,8 +66,8 @@ class Tokenizer:
         except RuntimeError:
             raise UserError(f"{path} is not a sentencepiece model; give a .model file") from None
 
-    def save(self, path: str | Path) -> None:
-        write_atomic(Path(path), self.model_proto)
+    def save(self, path: storage.PathLike) -> None:
+        storage.write_atomic(path, self.model_proto)
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
