@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -37,6 +38,17 @@ if TYPE_CHECKING:  # for a type only: the data stack (sentencepiece) stays off g
     from lmjax.data.cache import Corpus
 
 Log = Callable[[str], None]
+
+
+class _OrbaxTracebacks(logging.Filter):
+    """Drops the tracebacks Orbax's background threads log when a save fails: the failure is
+    raised to lmjax as well, which reports it in one line (SaveFailed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
+
+
+logging.getLogger("absl").addFilter(_OrbaxTracebacks())
 
 
 class SaveFailed(UserError):
@@ -68,6 +80,7 @@ class Checkpoints:
         cfg = cfg or config.Checkpoint()
         self.folder, self.log, self.read_only = storage.path(workdir) / "checkpoints", log, read_only
         self._in_flight: int | None = None  # the step of the save that may still be running
+        self._closed = False
         keep: list[ocp.checkpoint_managers.PreservationPolicy] = [ocp.checkpoint_managers.LatestN(n=cfg.keep)]
         if cfg.keep_every:
             keep.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=cfg.keep_every))
@@ -111,7 +124,8 @@ class Checkpoints:
             config=ocp.args.JsonSave(config.to_dict(exp)),
         )
         s = int(jax.device_get(state["step"]))
-        try:  # Orbax raises here what failed in the background save before this one
+        self.wait()  # what failed in the background save before this one is reported as its own
+        try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._manager.save(s, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - tensorstore, gcsfs and the OS raise many types
@@ -124,6 +138,8 @@ class Checkpoints:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
             raise self._failed(e, self._in_flight) from e
+        finally:
+            self._in_flight = None
 
     def _failed(self, e: Exception, s: int | None) -> SaveFailed:
         which = f"the checkpoint of step {s}" if s is not None else "a checkpoint"
@@ -133,7 +149,9 @@ class Checkpoints:
         )
 
     def close(self) -> None:
-        self._manager.close()
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
 
     def restore_newest(
         self, target: Callable[[Saved], step.State], items: tuple[str, ...] = ("params", "train_state")
@@ -157,6 +175,8 @@ class Checkpoints:
             args = ocp.args.Composite(**{k: ocp.args.StandardRestore(abstract[k]) for k in items})
             try:
                 restored, failure = self._manager.restore(s, args=args), None
+                if not _all_finite(restored["params"]):  # bytes that read back, but as NaN or inf
+                    failure = NonFinite("its parameters hold NaN or inf")
             except Exception as e:  # noqa: BLE001
                 failure = e
             failure = _agreed_failure(s, failure, self.folder / str(s))
@@ -329,9 +349,23 @@ def _unpack(restored: Mapping[str, Any]) -> step.State:
     return out
 
 
+class NonFinite(ValueError):
+    """A checkpoint whose parameters read back with NaN or inf in them."""
+
+
+@jax.jit
+def _all_finite_jit(tree: nnx.State) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _all_finite(tree: nnx.State) -> bool:
+    return bool(_all_finite_jit(tree))
+
+
 # Failures that mean a checkpoint's files are missing or corrupt, as tensorstore, orbax and
-# json report them; anything else (out of memory, a shape mismatch) is not the files' fault.
-_DAMAGE_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError)
+# json report them, or hold values no training step makes good use of; anything else (out of
+# memory, a shape mismatch) is not the files' fault.
+_DAMAGE_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError, NonFinite)
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 
 

@@ -40,12 +40,14 @@ Tokenizer = Literal["bpe", "unigram"]
 OptimName = Literal["adamw", "muon"]
 Schedule = Literal["cosine", "wsd"]
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+# Far above any real vocabulary (Gemma's 262k pieces); a typo beyond it would allocate terabytes.
+VocabSize = Annotated[int, Between(0, 1 << 22)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
     flavour: Flavour = "gpt2"  # gpt2: LayerNorm, learned positions, GELU | llama: RMSNorm, RoPE, SwiGLU
-    vocab_size: NonNegativeInt = 0  # 0: the tokenizer's size; the table is padded to a multiple of 128
+    vocab_size: VocabSize = 0  # 0: the tokenizer's size; the table is padded to a multiple of 128
     d_model: PositiveInt = 256
     n_layers: PositiveInt = 4
     n_heads: PositiveInt = 4
@@ -121,7 +123,7 @@ class Data:
     name: str = ""  # tfds: the dataset name
     field: str = "text"  # jsonl: the field | parquet: the column | tfds: the feature
     mixture: tuple[Source, ...] = ()  # source=mixture: the corpora and their weights
-    vocab_size: PositiveInt = 2048  # sentencepiece vocabulary to train
+    vocab_size: Annotated[int, Between(1, 1 << 22)] = 2048  # sentencepiece vocabulary to train
     tokenizer: Tokenizer = "bpe"
     tokenizer_path: str = ""  # an existing sentencepiece .model instead of training one
     tokenizer_sample_bytes: PositiveInt = 4_000_000  # bounded sample the tokenizer trains on

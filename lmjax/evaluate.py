@@ -38,6 +38,12 @@ class HeldOut:
     ):
         self._batches, self._eval_step, self._placement = batches, eval_step, placement
 
+    def first_batch_loss(self, params: nnx.State) -> float:
+        """The mean loss of `params` over the first batch alone: a cheap check that parameters
+        still give a finite loss (NaN or inf otherwise)."""
+        loss_sum, count, _ = jax.device_get(self._eval_step(params, self._placement.put(self._batches[0])))
+        return float(loss_sum) / max(float(count), 1.0)
+
     def __call__(self, params: nnx.State) -> dict[str, float]:
         sums = [
             self._eval_step(params, self._placement.put(b))
@@ -139,7 +145,13 @@ def evaluate(
         "devices": f"{jax.device_count()} {jax.devices()[0].device_kind}",
         "config": config.to_dict(exp),
     }
-    storage.write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    try:
+        storage.write_atomic(workdir / "eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    except OSError as e:  # the evaluation is not thrown away: its numbers go into the message
+        numbers = {k: result[k] for k in ("step", "split", "loss", "perplexity", "bits_per_byte")}
+        raise UserError(
+            f"{workdir / 'eval.json'} was not written ({e.strerror or e}); the result: {json.dumps(numbers)}"
+        ) from None
     return result
 
 

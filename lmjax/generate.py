@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         generator = Generator.from_workdir(args.workdir, args.set, log=_print)
-        prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+        # Bytes that are not UTF-8 reach argv as lone surrogates: they become U+FFFD, as in the corpus.
+        given = [p.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for p in args.prompt]
+        prompts = [p for p in given for _ in range(args.num_samples)]
         streaming = len(prompts) == 1
         if streaming:
             print(prompts[0], end="", flush=True)

@@ -21,13 +21,14 @@ from lmjax import (
     flops,
     optim,
     resume,
+    run_lock,
     sharding,
     step,
     storage,
     xla_flags,
 )
 from lmjax.data import cache, loader
-from lmjax.metrics import Logger, StepTrace, Throughput
+from lmjax.metrics import Logger, StepTrace, Throughput, records
 from lmjax.stop_signals import StopRequests
 
 _EVAL_LOGGED = ("eval_loss", "eval_perplexity", "eval_bpb")  # the numbers lmjax.evaluate writes
@@ -50,8 +51,50 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
 
     workdir = storage.path(workdir)
     sharding.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
+    new_folder = not storage.is_bucket(workdir) and not workdir.exists()
     storage.check_writable(workdir, "the workdir")  # a bad bucket or credentials: exit 2 now
+    # Before Orbax opens the checkpoints: its clean-up would delete a running trainer's save.
+    lock = _take_lock(workdir)
+    try:
+        return _run_locked(exp, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+        if new_folder and [p.name for p in workdir.iterdir()] == [run_lock.NAME]:
+            (workdir / run_lock.NAME).unlink()  # a run that stopped before writing anything leaves
+            workdir.rmdir()  # no folder behind (a bad data.path, say)
+
+
+def _take_lock(workdir: storage.Path) -> run_lock.RunLock | None:
+    """Process 0 holds the run's lock; every process exits 2 together if another trainer has it."""
+    lock, refusal = None, ""
+    if distributed.is_main():
+        try:
+            lock = run_lock.acquire(workdir)
+        except config.UserError as e:
+            refusal = str(e)
+    refusals = [r for r in distributed.agree("run lock", refusal) if r]
+    if refusals:
+        if lock is not None:
+            lock.release()
+        raise config.UserError(refusals[0])
+    return lock
+
+
+def _run_locked(exp: config.Experiment, workdir: storage.Path) -> dict[str, float]:
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
+    try:
+        return _train(exp, workdir, ckpts)
+    except BaseException as e:
+        if not isinstance(
+            e, KeyboardInterrupt
+        ):  # a second Ctrl-C: out at once (an unfinished save is never taken)
+            _finish_saving(ckpts)  # else Orbax's threads report the open manager at exit
+        raise
+
+
+def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Checkpoints) -> dict[str, float]:
+    exp = resume.with_absolute_paths(exp)
     exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
     # Process 0 builds the token cache first: on a shared file system the others then read it.
     corpus = distributed.main_first(lambda: cache.load_or_build(exp.data, log=_print), "token cache")
@@ -66,7 +109,7 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
         graphdef, state, shardings, saved = resume.start_state(exp, workdir, corpus, ckpts, tx, mesh, _print)
     first = saved.step if saved else 0
     _write_run_files(workdir, exp, corpus)
-    if first == t.steps:
+    if first == t.steps and _final_evaluation_logged(workdir, t.steps):
         _print(f"the run in {workdir} already reached train.steps={t.steps}; raise it to train on")
         ckpts.close()
         return {}
@@ -93,6 +136,15 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
         held_out = evaluate.held_out(
             exp, corpus, graphdef, shardings["params"], placement, "validation", t.eval_batches
         )
+        if first == t.steps:  # its last checkpoint was saved, then the run stopped before evaluating it
+            scores = held_out(state["params"])
+            log.write({"step": first, **{k: scores[k] for k in _EVAL_LOGGED}})
+            log.close()
+            ckpts.close()
+            _print(
+                f"step {first}: held-out loss {scores['eval_loss']:.4f}, {scores['eval_bpb']:.4f} bits/byte"
+            )
+            return scores
         # `time` runs on from the last kept line of a resumed run (metrics.Logger.time_offset)
         start, throughput = time.time() - log.time_offset, Throughput()
         last: dict[str, float] = {}
@@ -103,7 +155,8 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
                 ckpts.wait()
-                raise Diverged(_diverged_message(done, values, ckpts.steps()))
+                what = f"loss {values['loss']}, gradient norm {values['grad_norm']}"
+                raise Diverged(_diverged_message(done, what, ckpts.steps()))
             compiled_here = done == first + 1 and t.steps > done  # this step holds the compilation
             if done % t.log_every == 0 or done == t.steps:
                 tokens = done * tokens_per_step
@@ -139,6 +192,13 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
                     pending = None
                     stopping = done < t.steps and stop_vote(done, stop.requested)  # a signal during that wait
                 if save_due or stopping:
+                    # The loss of step `done` was that of the parameters before its update: the
+                    # updated ones a checkpoint would keep are checked on a held-out batch.
+                    check = held_out.first_batch_loss(state["params"])
+                    if not math.isfinite(check):
+                        ckpts.wait()
+                        what = f"its update gives parameters whose held-out loss is {check}"
+                        raise Diverged(_diverged_message(done, what, ckpts.steps()))
                     ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
                     log.sync()  # a bucket's copy of the metrics: every step up to this checkpoint
                 if stopping:
@@ -152,8 +212,7 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
                     throughput.restart(done * tokens_per_step)
         except BaseException:
             trace.stop()  # a trace an error cut short
-            if not stop.interrupted:  # a second Ctrl-C: out at once (an unfinished save is never taken)
-                _finish_saving(ckpts)
+            log.close(quietly=True)  # what was logged is kept (and uploaded to a bucket)
             raise
         trace.stop()
         ckpts.wait()  # the last save: SaveFailed (exit 2) if it could not be written
@@ -173,13 +232,13 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
     return last
 
 
-def _diverged_message(step: int, values: dict[str, float], saved_steps: list[int]) -> str:
+def _diverged_message(step: int, what: str, saved_steps: list[int]) -> str:
     kept = "no checkpoint was saved"
     if saved_steps:
         kept = f"the newest checkpoint, step {saved_steps[-1]}, is the last good state"
     return (
-        f"loss {values['loss']}, gradient norm {values['grad_norm']} at step {step}; stopped without "
-        f"saving it: {kept}. Lower optim.lr or raise optim.warmup_steps, then run again to resume"
+        f"step {step}: {what}; stopped without saving it: {kept}. Lower optim.lr or raise "
+        "optim.warmup_steps, then run again to resume"
     )
 
 
@@ -189,6 +248,13 @@ def _write_run_files(workdir: storage.Path, exp: config.Experiment, corpus: cach
         return
     storage.write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
+
+
+def _final_evaluation_logged(workdir: storage.Path, steps: int) -> bool:
+    """Whether metrics.jsonl holds the held-out result of step `steps` (the end of the run)."""
+    path = workdir / "metrics.jsonl"
+    logged = records(path.read_text()) if path.exists() else []
+    return any(r["step"] == steps and "eval_loss" in r for r in logged)
 
 
 def _print(message: str) -> None:

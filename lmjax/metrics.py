@@ -92,15 +92,26 @@ class Logger:
             self._file.flush()
             storage.upload_folder(self._local, self._bucket)
 
-    def close(self) -> None:
-        self._bar.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        self.sync()
-        if self._file is not None:
-            self._file.close()
-        if self._bucket is not None:
-            shutil.rmtree(self._local, ignore_errors=True)
+    def close(self, quietly: bool = False) -> None:
+        """Close the files (and upload them to a bucket workdir). `quietly`: after an error,
+        which a failure here must not hide (a full disk fails both)."""
+        try:
+            self._bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+            self.sync()
+        except Exception:
+            if not quietly:
+                raise
+        finally:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    if not quietly:
+                        raise
+            if self._bucket is not None:
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
 class TensorBoard:
@@ -142,6 +153,11 @@ def _discard_after(path: storage.Path, step: int, discarded: storage.Path) -> li
         storage.write_atomic(discarded, (before + gone).encode())
         storage.write_atomic(path, "".join(line for line, k in zip(lines, keep, strict=True) if k).encode())
     return [(r, line) for r, line, k in zip(records, lines, keep, strict=True) if k]
+
+
+def records(text: str) -> list[Record]:
+    """The records of metrics.jsonl's text, without a line a kill cut short."""
+    return [r for r in map(_record_of, text.splitlines()) if r is not None]
 
 
 def _record_of(line: str) -> Record | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 
 import jax
@@ -55,6 +56,14 @@ def check_resume(
     if new.model.vocab_size == 0:
         vocab = saved.model.vocab_size
         new = dataclasses.replace(new, model=dataclasses.replace(new.model, vocab_size=vocab))
+    # Where the corpus lies may change (the files moved, a relative path became absolute): what
+    # it holds is checked once it is tokenized (`Corpus.identity`, in `start_state`).
+    moved = [
+        f"{k}: {v!r} -> {config.flat(new)[k]!r}"
+        for k, v in config.flat(saved).items()
+        if k.startswith(("data.path", "data.mixture")) and config.flat(new)[k] != v
+    ]
+    saved, new = _without_data_paths(saved), _without_data_paths(new)
     before, after = config.flat(saved), config.flat(new)
     changed = [k for k in after if before.get(k) != after[k]]
     for key in changed:
@@ -75,7 +84,7 @@ def check_resume(
         f"train.steps={new.train.steps} is below step {step} that this run already reached; "
         f"raise train.steps to continue it",
     )
-    notes = [
+    notes = moved + [
         f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed if k.startswith(("optim.", "model.z_loss"))
     ]
     if "train.steps" in changed:
@@ -84,6 +93,28 @@ def check_resume(
             f"ends at step {new.train.steps})"
         )
     return notes
+
+
+def _without_data_paths(exp: config.Experiment) -> config.Experiment:
+    d = exp.data
+    mixture = tuple(dataclasses.replace(s, path="") for s in d.mixture)
+    return dataclasses.replace(exp, data=dataclasses.replace(d, path="", mixture=mixture))
+
+
+def with_absolute_paths(exp: config.Experiment) -> config.Experiment:
+    """Local data, tokenizer and warm-start paths made absolute, so the run's saved config names
+    the same files whatever directory it is resumed from (buckets are left as they are)."""
+
+    def absolute(name: str) -> str:
+        return os.fspath(storage.path(name)) if name else name
+
+    d = exp.data
+    mixture = tuple(dataclasses.replace(s, path=absolute(s.path)) for s in d.mixture)
+    data = dataclasses.replace(
+        d, path=absolute(d.path), mixture=mixture, tokenizer_path=absolute(d.tokenizer_path)
+    )
+    ckpt = dataclasses.replace(exp.checkpoint, init_from=absolute(exp.checkpoint.init_from))
+    return dataclasses.replace(exp, data=data, checkpoint=ckpt)
 
 
 def check_workdir(

@@ -1,4 +1,5 @@
-"""SIGTERM (preemption) and SIGINT (Ctrl-C) ask the training loop to stop after its step."""
+"""SIGTERM (preemption), SIGINT (Ctrl-C) and SIGHUP (the terminal or SSH session closed) ask the
+training loop to stop after its step."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # How long a second signal waits for the main thread to act on it before the process ends
 # anyway: Python runs signal handlers only between bytecodes, not inside a blocking call
 # (a step waiting on the device, a compile, a hung collective).
@@ -21,7 +22,7 @@ Handler = Callable[[int, FrameType | None], object] | int | None
 
 
 class StopRequests:
-    """While active, the first SIGTERM or SIGINT sets `requested` to its name, for the loop to
+    """While active, the first SIGTERM, SIGINT or SIGHUP sets `requested` to its name, for the loop to
     finish its step, save and exit 0. A second one is for a user who will not wait for the
     save: a second SIGINT raises KeyboardInterrupt (so a notebook's kernel survives it), a
     second SIGTERM ends the process (status 128+15), as does any second signal the main thread

@@ -14,6 +14,7 @@ What holds where (docs/cloud-storage.md says it for users):
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -59,8 +60,12 @@ def write_atomic(target: PathLike, data: bytes) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(target)
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a disk that filled up keeps no half-written copy
+        raise
 
 
 def create_once(target: PathLike, data: bytes) -> bool:
@@ -129,8 +134,14 @@ def check_writable(folder: PathLike, what: str) -> None:
 
 
 def describe_error(e: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    lines = str(e).strip().splitlines()
+    """An exception as one short line: its type and the first line of its message, or the
+    operating system's words where tensorstore buries them (`...: No space left on device
+    [os_error_code='28']`)."""
+    text = str(e).strip()
+    os_error = re.search(r": ([^:\[\]]+?) \[os_error_code=", text)
+    if os_error:
+        return f"{type(e).__name__}: {text.split(':')[0]}: {os_error.group(1)}"
+    lines = text.splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 

@@ -40,11 +40,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        config.require(bool(args.workdir.strip()), "--workdir is empty; name the run's folder or bucket")
         exp = config.apply_overrides(config.load_experiment(args.experiment), args.set)
         config.validate(exp)
         return _train(exp, args.workdir)
     except UserError as e:
         return _error(e, 2)
+    except OSError as e:  # no space, no permission, a file system gone: what was not written, where
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or e}; free space or fix the permissions, then run again", 2)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the newest complete checkpoint kept
         print("lmjax: interrupted", file=sys.stderr)
         return 130
@@ -60,7 +64,7 @@ def _train(exp: config.Experiment, workdir: str) -> int:
     return 0
 
 
-def _error(e: Exception, status: int) -> int:
+def _error(e: Exception | str, status: int) -> int:
     print(f"lmjax: error: {e}", file=sys.stderr)
     return status
 

@@ -360,7 +360,7 @@ def test_a_non_finite_gradient_stops_before_its_checkpoint(tmp_path, capsys, mon
     poison_step(monkeypatch, nan_at)
     assert main(argv(tmp_path, f"train.steps={STEPS}")) == 3
     err = capsys.readouterr().err
-    assert f"gradient norm nan at step {nan_at}; stopped without saving it" in err
+    assert f"step {nan_at}: loss nan, gradient norm nan; stopped without saving it" in err
     assert "the newest checkpoint, step 4, is the last good state" in err
     assert checkpoint.Checkpoints(tmp_path).steps() == [4]  # not 8, which step 8 reached
     assert max(losses(tmp_path)) == nan_at - 1

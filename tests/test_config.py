@@ -129,7 +129,7 @@ BAD = [
     (["--set", "optim.muon_momentum=1"], "optim.muon_momentum=1.0 must be in [0, 1)"),
     (["--set", "data.validation_percent=50"], "data.validation_percent=50.0 must be in (0, 50)"),
     (["--set", "data.validation_percent=0"], "data.validation_percent=0.0 must be in (0, 50)"),
-    (["--set", "model.vocab_size=-1"], "model.vocab_size=-1 must be >= 0"),
+    (["--set", "model.vocab_size=-1"], "model.vocab_size=-1 must be in [0, 4194304]"),
     (["--set", "data.tokenizer_sample_bytes=0"], "data.tokenizer_sample_bytes=0 must be positive"),
     (["--set", "train.profile_steps=[1, 2.5]"], "train.profile_steps[1]=2.5 is not a valid int"),
     (["--set", 'mesh.rules=[["batch"]]'], "mesh.rules[0]=('batch',) is not a valid"),

@@ -79,18 +79,24 @@ class _Materialize:
         return out
 
 
-def _window_ids(splits: list[Split], seq_len: int, what: str) -> list[grain.MapDataset]:
-    """Per corpus, a grain MapDataset of (corpus index, window id) over all its windows."""
-    datasets = []
-    for p, split in enumerate(splits):
-        n = num_windows(split, seq_len)
+def _window_counts(splits: list[Split], seq_len: int, what: str) -> list[int]:
+    """Per corpus, its number of windows; UserError for a split shorter than one window."""
+    counts = [num_windows(split, seq_len) for split in splits]
+    for split, n in zip(splits, counts, strict=True):
         if n < 1:
             raise UserError(
                 f"the {what} split has {len(split)} tokens, fewer than one window of "
                 f"model.seq_len+1={seq_len + 1}; add data or lower model.seq_len"
             )
-        datasets.append(grain.MapDataset.range(n).map(lambda w, p=p: (p, w)))
-    return datasets
+    return counts
+
+
+def _window_ids(splits: list[Split], seq_len: int, what: str) -> list[grain.MapDataset]:
+    """Per corpus, a grain MapDataset of (corpus index, window id) over all its windows."""
+    return [
+        grain.MapDataset.range(n).map(lambda w, p=p: (p, w))
+        for p, n in enumerate(_window_counts(splits, seq_len, what))
+    ]
 
 
 class TrainBatches:
@@ -178,15 +184,17 @@ class EvalBatches(Sequence):
         n_batches: int,
         rows: np.ndarray | None = None,
     ):
-        parts = [np.asarray(list(ds)) for ds in _window_ids(splits, seq_len, "validation")]
+        counts = _window_counts(splits, seq_len, "validation")
         if n_batches:
             wanted = n_batches * batch_size
-            shares = [
-                min(len(ids), round(wanted * w / sum(weights))) for ids, w in zip(parts, weights, strict=True)
-            ]
-            window_ids = np.concatenate([ids[:n] for ids, n in zip(parts, shares, strict=True)])[:wanted]
-        else:
-            window_ids = np.concatenate(parts)
+            counts = [min(n, round(wanted * w / sum(weights))) for n, w in zip(counts, weights, strict=True)]
+        # (corpus, window) pairs: each corpus's first windows, in order (made at once: a split of
+        # a large corpus has millions of windows, and start-up must not walk them)
+        window_ids = np.concatenate(
+            [np.stack([np.full(n, p), np.arange(n)], axis=1) for p, n in enumerate(counts)]
+        )
+        if n_batches:
+            window_ids = window_ids[:wanted]
         self.windows = len(window_ids)
         # [windows, 2]: (corpus, window) pairs, padded to whole batches
         self._window_ids = np.pad(window_ids, ((0, -len(window_ids) % batch_size), (0, 0)))
