@@ -17,13 +17,33 @@ BLOCK_TOKENS = 8192
 SHARD_BLOCKS = 8192  # 64M tokens per shard file
 
 
+class Unreadable(Exception):
+    """A shard file that is missing or does not parse, or a split's shards that hold another
+    number of blocks than its token count needs."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
 class Blocks:
     """A split's tokens in records of `block_tokens` each (the last one short); reads like an
-    array through `take`."""
+    array through `take`. Opening reads each shard's postscript and index, which Riegeli
+    checksums: a shard damaged there, or missing, is Unreadable at once. Damage elsewhere shows
+    when the records there are read, as Riegeli checksums each chunk too."""
 
     def __init__(self, paths: list[Path], n_tokens: int, dtype: np.dtype, block_tokens: int = BLOCK_TOKENS):
-        self._source = ArrayRecordDataSource([str(p) for p in paths])
+        try:
+            self._source = ArrayRecordDataSource([str(p) for p in paths])
+        except RuntimeError as e:  # one of the files: name it
+            raise _first_unreadable(paths, e) from None
         self._n, self.dtype, self.block_tokens = n_tokens, dtype, block_tokens
+        if len(self._source) != -(-n_tokens // block_tokens):
+            raise Unreadable(
+                paths[-1],
+                f"the {len(paths)} shards hold {len(self._source)} blocks, "
+                f"expected {-(-n_tokens // block_tokens)} for {n_tokens} tokens",
+            )
 
     def __len__(self) -> int:
         return self._n
@@ -36,6 +56,20 @@ class Blocks:
             block = np.frombuffer(record, self.dtype)
             blocks[k, : len(block)] = block
         return blocks[where.reshape(idx.shape), idx % self.block_tokens]
+
+
+def _first_unreadable(paths: list[Path], error: RuntimeError) -> Unreadable:
+    """The first of `paths` that does not open (the first path, with `error`, if all do now)."""
+    for path in paths:
+        try:
+            ArrayRecordDataSource([str(path)])
+        except RuntimeError as e:
+            return Unreadable(path, _one_line(e))
+    return Unreadable(paths[0], _one_line(error))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 class StreamWriter:
