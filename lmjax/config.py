@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -229,6 +230,21 @@ class Experiment:
 
 def load_experiment(name_or_path: str) -> Experiment:
     """`stdlib_tiny` (shipped as `lmjax.experiments.stdlib_tiny`) or a path to a `.py` file."""
+    try:
+        module = _experiment_module(name_or_path)
+        if not hasattr(module, "config"):
+            raise UserError(f"experiment {name_or_path} has no config() function; add one")
+        exp = module.config()
+    except UserError:
+        raise
+    except Exception as e:  # the experiment file's own error (a typo, a failing import): where, and what
+        raise UserError(f"experiment {name_or_path} failed: {_where(e)}{type(e).__name__}: {e}") from None
+    if not isinstance(exp, Experiment):
+        raise UserError(f"experiment {name_or_path}: config() must return lmjax.config.Experiment")
+    return exp
+
+
+def _experiment_module(name_or_path: str) -> types.ModuleType:
     if name_or_path.endswith(".py") or "/" in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
@@ -236,23 +252,28 @@ def load_experiment(name_or_path: str) -> Experiment:
         spec = importlib.util.spec_from_file_location(f"lmjax_experiment_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    else:
-        _experiments()
-        try:
-            module = importlib.import_module(f"lmjax.experiments.{name_or_path}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lmjax.experiments.{name_or_path}":
-                raise
-            raise UserError(
-                f"no experiment named {name_or_path!r}; choose one of {list_experiments()} "
-                "or pass a path to a .py file"
-            ) from None
-    if not hasattr(module, "config"):
-        raise UserError(f"experiment {name_or_path} has no config() function; add one")
-    exp = module.config()
-    if not isinstance(exp, Experiment):
-        raise UserError(f"experiment {name_or_path}: config() must return lmjax.config.Experiment")
-    return exp
+        return module
+    _experiments()
+    unknown = UserError(
+        f"no experiment named {name_or_path!r}; choose one of {list_experiments()} or pass a path to a "
+        ".py file"
+    )
+    if not name_or_path.isidentifier():
+        raise unknown
+    try:
+        return importlib.import_module(f"lmjax.experiments.{name_or_path}")
+    except ModuleNotFoundError as e:
+        if e.name != f"lmjax.experiments.{name_or_path}":
+            raise
+        raise unknown from None
+
+
+def _where(e: Exception) -> str:
+    """ "file:line: " of the experiment's code where `e` was raised (a SyntaxError's own line)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: "
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
 
 
 def _experiments() -> types.ModuleType:

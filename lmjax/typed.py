@@ -127,8 +127,26 @@ def _fits(key: str, value: Any, hint: Any) -> bool:
 
 
 def _not_a(key: str, value: Any, hint: Any) -> str:
+    return f"{key}={value!r} is not {_described(hint)}; give {_described(hint)}"
+
+
+def _described(hint: Any) -> str:
+    """A type as a user writes its values: `tuple[int, ...]` is "a list of int"."""
+    hint = _bare(hint)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_described(args[0]).removeprefix('a ').removeprefix('an ')}"
+    if typing.get_origin(hint) is tuple:
+        count = "a pair" if len(args) == 2 else f"a list of {len(args)}"
+        return f"{count} ({', '.join(_described(a) for a in args)})"
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_described(a) for a in args)
+    if hint is type(None):
+        return "null"
     name = hint.__name__ if isinstance(hint, type) else str(hint)
-    return f"{key}={value!r} is not a valid {name}; give a {name} value"
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def _bare(hint: Any) -> Any:

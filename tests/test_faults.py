@@ -243,3 +243,20 @@ def test_evaluation_window_ids_are_made_without_walking_them(stdlib_corpus):
     assert np.array_equal(every._window_ids[: every.windows], walked)
     some = loader.EvalBatches(splits, [1.0], 32, 8, n_batches=3)
     assert np.array_equal(some._window_ids, walked[:24])
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [
+        ("..stdlib_tiny", "no experiment named '..stdlib_tiny'"),
+        ("raises.py", "raises.py:2: RuntimeError: a bug in the experiment"),
+        ("syntax.py", "syntax.py:1: SyntaxError"),
+    ],
+)
+def test_a_broken_experiment_is_one_line_naming_where(experiment, message, tmp_path, capsys):
+    (tmp_path / "raises.py").write_text("import math\nraise RuntimeError('a bug in the experiment')\n")
+    (tmp_path / "syntax.py").write_text("def config(:\n")
+    name = experiment if experiment.startswith(".") else str(tmp_path / experiment)
+    assert main(["--experiment", name, "--workdir", str(tmp_path / "run")]) == 2
+    line = last_line(capsys)
+    assert line.startswith("lmjax: error: ") and message in line
