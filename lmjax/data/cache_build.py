@@ -1,0 +1,133 @@
+"""Building a cache entry in a local folder: the tokenizer is trained (or loaded), every corpus
+tokenized into shards and document starts, and meta.json written with each file's record
+(cache_meta.py), all in a temporary folder that is locked while its build runs and renamed into
+place when complete; a build removes any temporary folder whose lock is free."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmjax.config import Data, UserError
+from lmjax.data import shards, sources, tokenizer
+from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record
+
+_ENCODE_BATCH_CHARS = 2 << 20
+
+
+def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) -> None:
+    start = time.time()
+    tok = (
+        tokenizer.Tokenizer.load(cfg.tokenizer_path)
+        if cfg.tokenizer_path
+        else tokenizer.train(tokenizer.sample(cfg), cfg)
+    )
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the token cache in {tmp.parent} ({e.strerror}); set data.cache_dir"
+        ) from None
+    with (tmp / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this build runs: see remove_abandoned_builds
+        remove_abandoned_builds(entry.parent, f".{entry.name}.*.tmp")
+        try:
+            meta = _write_parts(cfg, tok, tmp, progress)
+            meta["files"] = {n: file_record(tmp / n) for n in entry_files(meta)}
+            meta["build"]["seconds"] = round(time.time() - start, 2)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            tmp.rename(entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(sys.exc_info()[1], OSError) and (entry / "meta.json").exists():
+                log(f"another process built {entry} first; using it")  # theirs is as good
+                return
+            raise
+    log(f"tokenized {meta['build']['chars'] / 1e6:.1f}M characters in {meta['build']['seconds']:.1f}s")
+
+
+def remove_abandoned_builds(folder: Path, pattern: str) -> None:
+    """Delete the temporary build folders `pattern` in `folder` that no running process holds
+    locked (a killed build's lock is released by the kernel)."""
+    for tmp in folder.glob(pattern):
+        try:
+            with (tmp / ".lock").open() as lock:  # none yet: a build that is just starting
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # locked: a build in progress (or already gone)
+            continue
+
+
+def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bool) -> dict:
+    """Tokenize every corpus of `cfg` into `folder`; returns the entry's meta.json content."""
+    (folder / "tokenizer.model").write_bytes(tok.model_proto)
+    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    parts, chars = [], 0
+    with tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        for i, c in enumerate(cfg.components()):
+            (folder / f"c{i}").mkdir()
+            writers = {
+                s: shards.StreamWriter(folder / f"c{i}", s, dtype, tok.bos_id, tok.eos_id) for s in SPLITS
+            }
+            for split, texts, (ids, lengths) in _encoded(
+                tok, _batches(sources.documents(c, cfg.validation_percent))
+            ):
+                writers[split].add(ids, lengths, sum(len(t.encode()) for t in texts))
+                chars += sum(map(len, texts))
+                bar.update(sum(map(len, texts)))
+            parts.append({s: w.close() for s, w in writers.items()})
+            for s in SPLITS:
+                if parts[-1][s]["tokens"] == 0:
+                    raise UserError(
+                        f"{sources.describe(c)} has no {s} text; give more documents"
+                        + (" or raise data.validation_percent" if s == "validation" else "")
+                    )
+    return {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "block_tokens": shards.BLOCK_TOKENS,
+        "parts": parts,
+        "build": {"chars": chars},
+    }
+
+
+def _batches(docs: Iterator[sources.Document]) -> Iterator[tuple[str, list[str]]]:
+    """Documents grouped by split into batches of about _ENCODE_BATCH_CHARS, order kept."""
+    batch: dict[str, list[str]] = {s: [] for s in SPLITS}
+    size = dict.fromkeys(SPLITS, 0)
+    for split, text in docs:
+        batch[split].append(text)
+        size[split] += len(text)
+        if size[split] >= _ENCODE_BATCH_CHARS:
+            yield split, batch[split]
+            batch[split], size[split] = [], 0
+    for split in SPLITS:
+        if batch[split]:
+            yield split, batch[split]
+
+
+def _encoded(
+    tok: tokenizer.Tokenizer, batches: Iterator[tuple[str, list[str]]]
+) -> Iterator[tuple[str, list[str], tuple[np.ndarray, np.ndarray]]]:
+    """Encode batch k (sentencepiece threads, GIL released) while batch k+1 is read and batch
+    k-1 is written."""
+    with ThreadPoolExecutor(1) as pool:
+        previous = None
+        for split, texts in batches:
+            future = pool.submit(tok.encode_batch, texts)
+            if previous:
+                yield previous[0], previous[1], previous[2].result()
+            previous = (split, texts, future)
+        if previous:
+            yield previous[0], previous[1], previous[2].result()
