@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +41,34 @@ if TYPE_CHECKING:  # for a type only: the data stack (sentencepiece) stays off g
 Log = Callable[[str], None]
 
 
-class _OrbaxTracebacks(logging.Filter):
-    """Drops the tracebacks Orbax's background threads log when a save fails: the failure is
-    raised to lmjax as well, which reports it in one line (SaveFailed)."""
-
+# When a save fails (a full disk, a bucket gone), Orbax's threads log a traceback for each array
+# and tensorstore's callbacks find Orbax's event loop closed; the failure is raised to lmjax as
+# well, which reports it in one line (SaveFailed). These keep the one line from being buried.
+class _FailedSaveTracebacks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
+        text = record.getMessage()
+        from_orbax = "orbax" in record.pathname or "orbax" in text or "tensorstore_spec" in text
+        return not (from_orbax and record.levelno >= logging.ERROR)
 
 
-logging.getLogger("absl").addFilter(_OrbaxTracebacks())
+Unraisable = Callable[["sys.UnraisableHookArgs"], object]
+
+
+def _quiet_closed_loops(default: Unraisable) -> Unraisable:
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        closed = (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+        )
+        if not closed:
+            default(unraisable)
+
+    return hook
+
+
+logging.getLogger("absl").addFilter(_FailedSaveTracebacks())
+logging.getLogger("asyncio").addFilter(_FailedSaveTracebacks())
+sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
 
 class SaveFailed(UserError):

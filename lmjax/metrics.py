@@ -70,8 +70,11 @@ class Logger:
     def write(self, record: Record) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: say which file could not take the line
+            raise OSError(e.errno, e.strerror, self._file.name) from None
         if self._tensorboard is not None:
             self._tensorboard.write(record)
         shown = {
