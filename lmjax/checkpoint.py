@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -373,13 +373,12 @@ class NonFinite(ValueError):
     """A checkpoint whose parameters read back with NaN or inf in them."""
 
 
-@jax.jit
-def _all_finite_jit(tree: nnx.State) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _all_finite(tree: nnx.State) -> bool:
-    return bool(_all_finite_jit(tree))
+    """Whether this process's shards of every leaf are finite, checked on the host: the leaves
+    of a restored state may lie on other devices than the mesh in use. (Processes compare
+    their answers in `_agreed_failure`.)"""
+    shards = (s.data for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.replica_id == 0)
+    return all(np.isfinite(np.asarray(shard)).all() for shard in shards)
 
 
 # Failures that mean a checkpoint's files are missing or corrupt, as tensorstore, orbax and

@@ -154,13 +154,29 @@ def test_a_full_disk_is_one_line_exit_2_and_leaves_no_temporary_file(small_disk,
     assert not [p for p in disk.rglob("*.tmp")]
 
 
-def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
-    class Full(bytes):
-        pass
+def test_an_evaluation_that_cannot_be_written_still_gives_its_numbers(small_disk, capsys):
+    disk = small_disk(1024)
+    assert main(argv(disk / "run", "train.steps=2")) == 0
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # the rest of the disk, taken
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(disk / "run")]) == 2
+    line = last_line(capsys)
+    assert f"{disk / 'run' / 'eval.json'} was not written (No space left on device)" in line
+    assert '"step": 2' in line and '"loss": ' in line and '"bits_per_byte": ' in line
+    filler.unlink()
 
-    with pytest.raises(TypeError):  # a write that fails half-way (here: data that is no bytes)
-        storage.write_atomic(tmp_path / "config.json", "not bytes")  # type: ignore[arg-type]
-    assert list(tmp_path.iterdir()) == []
+
+def test_a_write_that_fails_leaves_no_temporary_file(small_disk):
+    disk = small_disk(64)
+    with pytest.raises(OSError, match="No space left on device"):
+        storage.write_atomic(disk / "config.json", b"x" * 200_000)
+    assert list(disk.iterdir()) == []
 
 
 def test_an_empty_workdir_is_refused(capsys):
