@@ -3,11 +3,12 @@
     python benchmarks/bucket_requests.py
 
 Starts fake-gcs-server on 127.0.0.1 (tests/gcs.py) and trains the one-layer stdlib_tiny of
-the tests twice with `--workdir gs://...` (the token cache stays local): 20 steps with
-`checkpoint.every=10`, and 40 steps with `checkpoint.every=20`. Both save twice and evaluate
-once, so (requests of the second - requests of the first) / 20 is what one more training step
-costs. Each run's requests are also sorted by what they touch (the write probe, config and
-tokenizer, checkpoints, metrics). Writes `benchmarks/results/bucket_requests.json`.
+the tests three times with `--workdir gs://...` (the token cache stays local): 20 and 60 steps
+saving only at the end, and 20 steps saving every 10. The first two differ only in 40 training
+steps, so their difference / 40 is what one training step costs; the first and third differ
+only in one checkpoint. Each run's requests are also sorted by what they touch (the write
+probe, the lock, config and tokenizer, checkpoints, metrics). Writes
+`benchmarks/results/bucket_requests.json`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from measure import package_versions  # noqa: E402
 
 from lmjax.train import main as train  # noqa: E402
 
-RUNS = {"20 steps, checkpoint.every=10": (20, 10), "40 steps, checkpoint.every=20": (40, 20)}
+RUNS = {
+    "20 steps, saved at the end": (20, 0),
+    "60 steps, saved at the end": (60, 0),
+    "20 steps, saved every 10": (20, 10),
+}
 
 
 def touched(request: str) -> str:
@@ -42,6 +47,7 @@ def touched(request: str) -> str:
     )
     for part, what in (
         (".lmjax-probe", "write probe"),
+        (".lmjax-lock", "run lock"),
         ("checkpoints", "checkpoints"),
         ("metrics", "metrics"),
         ("config.json", "config.json"),
@@ -59,7 +65,7 @@ def main() -> int:
     try:
         for label, (steps, every) in RUNS.items():
             before = len(server.requests())
-            workdir = f"gs://lmjax-bench/{steps}-steps"
+            workdir = f"gs://lmjax-bench/{steps}-steps-every-{every}"
             sets = (
                 f"train.steps={steps}",
                 f"checkpoint.every={every}",
@@ -75,7 +81,7 @@ def main() -> int:
             }
     finally:
         server.stop()
-    first, second = (runs[label]["requests"] for label in RUNS)
+    short, long, twice = (runs[label]["requests"] for label in RUNS)
     record = {
         "benchmark": "bucket_requests",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -84,7 +90,8 @@ def main() -> int:
             ("orbax-checkpoint", "tensorstore", "gcsfs", "google-cloud-storage", "jax")
         ),
         "runs": runs,
-        "requests_per_extra_step": (second - first) / 20,
+        "requests_per_training_step": (long - short) / 40,
+        "requests_per_checkpoint": twice - short,
     }
     out = REPO / "benchmarks" / "results" / "bucket_requests.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
