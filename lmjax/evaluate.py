@@ -10,8 +10,10 @@ across tokenizers. The training loop reports the same three numbers (`HeldOut`),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -115,7 +117,7 @@ def evaluate(
     """Evaluate the newest checkpoint in `workdir` (a folder or a bucket) on every window of
     `split`; the result is also written to `workdir/eval.json`."""
     workdir = storage.path(workdir)
-    exp = checkpoint.saved_experiment(workdir, list(overrides), log=_print).exp
+    exp = _own_tokenizer(checkpoint.saved_experiment(workdir, list(overrides), log=_print).exp, workdir)
     run_tokenizer = Tokenizer.load(workdir / "tokenizer.model")
     corpus = cache.load_or_build(exp.data, log=_print)
     if corpus.tokenizer.model_proto != run_tokenizer.model_proto:
@@ -153,6 +155,17 @@ def evaluate(
             f"{workdir / 'eval.json'} was not written ({e.strerror or e}); the result: {json.dumps(numbers)}"
         ) from None
     return result
+
+
+def _own_tokenizer(exp: config.Experiment, workdir: storage.Path) -> config.Experiment:
+    """A run whose data.tokenizer_path named its own tokenizer.model (an import, a warm start),
+    read from where the run is now: copied to another folder or a bucket, it still evaluates."""
+    named = exp.data.tokenizer_path
+    if not named or storage.path(named).exists():
+        return exp
+    own = workdir / "tokenizer.model"
+    data = dataclasses.replace(exp.data, tokenizer_path=os.fspath(own))
+    return dataclasses.replace(exp, data=data)
 
 
 def _print(message: str) -> None:

@@ -127,6 +127,10 @@ class Generator:
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
         self.log = log or _print
         self.eos_id = tokenizer.eos_id if tokenizer else -1
+        # Only ids the tokenizer can decode may be picked: an imported model's embedding may have
+        # rows past the tokenizer's pieces (a padded LLaMA vocabulary). A traced argument of the
+        # decode step, like the sampling settings: one compiled step serves every call.
+        self._n_ids = np.int32(tokenizer.vocab_size if tokenizer else exp.model.vocab_size)
         self.last_tokens = 0  # tokens the last `sample` call produced
         self._step = _decode_step(exp.model)
         self._init_cache = jax.jit(functools.partial(model.init_cache, exp.model), static_argnums=1)
@@ -190,7 +194,7 @@ class Generator:
         prompts_BT, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
         rows = len(prompt_ids)
         key = jax.random.key(seed)
-        settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p), self._n_ids)
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
         with self._on_mesh():
@@ -265,13 +269,14 @@ class _TextStream:
 
 
 def _decode_step(cfg: config.Model) -> Callable:
-    """(params, tokens_BT, cache, key, temperature, top_k, top_p) -> (next ids [B], cache):
-    the tokens go through the model against the cache, and the last position picks the next."""
+    """(params, tokens_BT, cache, key, temperature, top_k, top_p, n_ids) -> (next ids [B], cache):
+    the tokens go through the model against the cache, and the last position picks the next
+    among the ids below n_ids."""
     graphdef, _ = step.abstract_model(cfg)
 
-    def decode(params, tokens_BT, cache, key, temperature, top_k, top_p):
+    def decode(params, tokens_BT, cache, key, temperature, top_k, top_p, n_ids):
         logits_B1V, cache = nnx.merge(graphdef, params).decode(tokens_BT, cache, last_only=True)
-        return sampling.choose(logits_B1V[:, 0], key, temperature, top_k, top_p), cache
+        return sampling.choose(logits_B1V[:, 0], key, temperature, top_k, top_p, n_ids), cache
 
     return jax.jit(decode, donate_argnums=2)
 

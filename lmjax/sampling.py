@@ -1,6 +1,7 @@
-"""The next token from a row of logits: greedy, or sampled with temperature, top-k and top-p.
+"""The next token from a row of logits: greedy, or sampled with temperature, top-k and top-p,
+among the ids below a limit (the tokenizer's piece count).
 
-All three settings are traced values, so one compiled decode step serves every setting.
+All four settings are traced values, so one compiled decode step serves every setting.
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ def allowed(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arr
 
 
 def choose(
-    logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+    logits_BV: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array | float,
+    top_k: jax.Array | int,
+    top_p: jax.Array | float,
+    n_ids: jax.Array | int | None = None,
 ) -> jax.Array:
-    """Token ids `[B]`: the argmax where `temperature` is 0, else a draw from
-    softmax(logits / temperature) over the `allowed` ids, one independent draw per row. The
-    sort that top-k/top-p need (a large vocabulary's, every step) runs only when they are on."""
+    """Token ids `[B]` below `n_ids` (None: any id): the argmax where `temperature` is 0, else a
+    draw from softmax(logits / temperature) over the `allowed` ids, one independent draw per
+    row. The sort that top-k/top-p need (a large vocabulary's, every step) runs only when they
+    are on."""
     logits_BV = logits_BV.astype(jnp.float32)
+    if n_ids is not None:
+        # An embedding may be larger than its tokenizer (LLaMA-family vocabularies are padded):
+        # the ids past the tokenizer's pieces have logits, but no text to decode them to.
+        logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < n_ids, logits_BV, -jnp.inf)
 
     def draw() -> jax.Array:
         scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)

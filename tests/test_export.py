@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_save
 
 from lmjax import checkpoint, config, sharding, step
+from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf.export import main, model_sets
 
 # D=32, H=4, E=8, L=2, T=32. GPT-2: vocab 516, LLaMA: 520, 2 kv heads (GQA); both padded to 640 in
@@ -113,27 +114,35 @@ def names_of(params) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 
 
+def random_params(m: config.Model, seed: int) -> nnx.State:
+    """Random parameters of `m`: noise of std 0.3, around 1 for the norm scales."""
+    _, abstract = step.abstract_model(m)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        noise = rng.normal(0, 0.3, a.shape).astype(a.dtype)
+        return jnp.asarray(noise + 1 if "scale" in jax.tree_util.keystr(path) else noise)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def save_run(workdir: Path, name: str, m: config.Model, params: nnx.State, tokenizer: Tokenizer) -> None:
+    """A run folder holding `params` as its step-3 checkpoint (saved as training saves one)."""
+    ckpts = checkpoint.Checkpoints(workdir, log=quiet)
+    exp = config.Experiment(name=name, model=m)
+    ckpts.save({"params": params, "step": jnp.asarray(3, jnp.int32)}, {"loader": {}}, exp)
+    ckpts.wait()
+    ckpts.close()
+    tokenizer.save(workdir / "tokenizer.model")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stdlib_corpus) -> dict[str, Path]:
     """A run folder per model, its checkpoint (step 3) holding random parameters."""
     out = {}
     for i, (name, m) in enumerate(MODELS.items()):
-        workdir = tmp_path_factory.mktemp(name)
-        _, abstract = step.abstract_model(m)
-        rng = np.random.default_rng(i)
-
-        def fill(path, a, rng=rng):
-            noise = rng.normal(0, 0.3, a.shape).astype(a.dtype)
-            return jnp.asarray(noise + 1 if "scale" in jax.tree_util.keystr(path) else noise)
-
-        params = jax.tree_util.tree_map_with_path(fill, abstract)
-        exp = config.Experiment(name=name, model=m)
-        ckpts = checkpoint.Checkpoints(workdir, log=quiet)
-        ckpts.save({"params": params, "step": jnp.asarray(3, jnp.int32)}, {"loader": {}}, exp)
-        ckpts.wait()
-        ckpts.close()
-        stdlib_corpus.tokenizer.save(workdir / "tokenizer.model")
-        out[name] = workdir
+        out[name] = tmp_path_factory.mktemp(name)
+        save_run(out[name], name, m, random_params(m, i), stdlib_corpus.tokenizer)
     return out
 
 

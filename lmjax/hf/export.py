@@ -8,7 +8,9 @@ shards and model.safetensors.index.json above --shard-size) and the tokenizer (t
 from DIR's newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
 sentencepiece tokenizer.model; nothing is downloaded) into an lmjax run folder: config.json,
 tokenizer.model and a step-0 checkpoint that `checkpoint.load_params` reads onto any mesh and
-`--set checkpoint.init_from=DIR` starts training from.
+`--set checkpoint.init_from=DIR` starts training from. Its config computes in the checkpoint's
+precision (model.dtype float32, bfloat16 for all-BF16 tensors) and names its own tokenizer.model
+as data.tokenizer_path, so that lmjax.generate and lmjax.evaluate read DIR as a run.
 
 Memory: export restores one group of stacked lmjax parameters at a time (Orbax partial
 restore: all layers of the weights one HF tensor is made of, e.g. GPT-2's q, k and v for
@@ -22,6 +24,7 @@ it when complete, so a failure leaves no half-written folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -178,6 +181,8 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         )
     reader = hf_safetensors.Reader(src)
     rename = _check_tensors(reader, m, src)
+    stored = {reader.dtype(rename(name)) for name, _ in hf_layout.hf_tensors(m)}
+    m = dataclasses.replace(m, dtype=compute_dtype(stored))
 
     by_param = {p: (link, k) for link in hf_layout.links(m) for k, p in enumerate(link.params)}
     device = jax.sharding.SingleDeviceSharding(host_device())  # not an accelerator's memory
@@ -191,15 +196,18 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
     _, abstract = step.abstract_model(m)
     params = jax.tree_util.tree_map_with_path(load, abstract)
     assert isinstance(params, nnx.State)
-    exp = config.Experiment(name=f"hf-{src.absolute().name}", model=m, data=config.Data(vocab_size=n_pieces))
+    # Evaluation tokenizes the corpus with data.tokenizer_path: the imported tokenizer, which
+    # the model's ids mean (without it, a fresh tokenizer would be trained on the corpus).
+    data = config.Data(vocab_size=n_pieces, tokenizer_path=str(dest / "tokenizer.model"))
+    exp = config.Experiment(name=f"hf-{src.absolute().name}", model=m, data=data)
     # Built beside DIR and renamed when complete: a failed import leaves no DIR (and a rerun works).
     partial = _partial(dest)
     try:
         ckpts = checkpoint.Checkpoints(partial, log=log)
         # A warm start reads only the parameters; "identity" keeps this folder from being resumed as a run.
-        data = {"loader": {}, "corpus": "", "identity": f"imported from {src.absolute()}"}
+        items = {"loader": {}, "corpus": "", "identity": f"imported from {src.absolute()}"}
         try:
-            ckpts.save({"params": params, "step": jax.numpy.zeros((), jax.numpy.int32)}, data, exp)
+            ckpts.save({"params": params, "step": jax.numpy.zeros((), jax.numpy.int32)}, items, exp)
             ckpts.wait()
         finally:
             ckpts.close()
@@ -210,11 +218,29 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    log(dtype_note(dest, m.dtype, stored))
     log(
         f"imported {src} ({hf_cfg['architectures'][0]}) into {dest}; train from it with "
         f"--set checkpoint.init_from={dest} {' '.join(model_sets(m, n_pieces))}"
     )
     return exp
+
+
+def compute_dtype(stored: set[str]) -> str:
+    """The model.dtype an imported checkpoint computes in, from its tensors' safetensors dtypes:
+    bfloat16 where they are all BF16 (the precision it was saved for), else float32. F32 weights
+    then give the logits of the model they were saved from (in bf16 they differ in the first
+    decimal), and F16 ones keep the 3 mantissa bits that bf16 lacks."""
+    return "bfloat16" if stored == {"BF16"} else "float32"
+
+
+def dtype_note(dest: Path, dtype: str, stored: set[str]) -> str:
+    """One line: the compute dtype an import chose, why, and how generation and evaluation change it."""
+    other = "float32" if dtype == "bfloat16" else "bfloat16"
+    return (
+        f"{dest} computes in {dtype} (model.dtype; its tensors are {', '.join(sorted(stored))}); "
+        f"give lmjax.generate or lmjax.evaluate --set model.dtype={other} to compute in {other}"
+    )
 
 
 def model_sets(m: config.Model, n_pieces: int) -> list[str]:
