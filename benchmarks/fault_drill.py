@@ -83,6 +83,19 @@ def judged(done: subprocess.CompletedProcess, status: int) -> dict:
     }
 
 
+def wait_for_logged_steps(workdir: Path, steps: int) -> None:
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + LIMIT_S
+    while time.time() < deadline and not (
+        metrics.exists() and len(metrics.read_text().splitlines()) >= steps
+    ):
+        time.sleep(0.01)
+
+
+def finished(child: subprocess.Popen) -> subprocess.CompletedProcess:
+    out, err = child.communicate(timeout=LIMIT_S)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
 def metrics_once_per_step(workdir: Path) -> bool:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
@@ -193,10 +206,7 @@ def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
 def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
     cmd = drill.train(here / "run", "train.steps=30", "checkpoint.every=5")
     children = [drill.start(cmd) for _ in range(2)]
-    outs = [c.communicate(timeout=LIMIT_S) for c in children]
-    done = [
-        subprocess.CompletedProcess(cmd, c.returncode, o, e) for c, (o, e) in zip(children, outs, strict=True)
-    ]
+    done = [finished(c) for c in children]
     statuses = sorted(d.returncode for d in done)
     results = [judged(d, d.returncode if statuses == [0, 2] else 0) for d in done]
     return results, statuses == [0, 2] and metrics_once_per_step(here / "run")
@@ -207,10 +217,7 @@ def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
     cmd = drill.train(here / "run", "train.steps=4")
     first = judged(drill.run(cmd), 0)
     children = [drill.start(cmd) for _ in range(2)]
-    outs = [c.communicate(timeout=LIMIT_S) for c in children]
-    done = [
-        subprocess.CompletedProcess(cmd, c.returncode, o, e) for c, (o, e) in zip(children, outs, strict=True)
-    ]
+    done = [finished(c) for c in children]
     results = [first, *(judged(d, d.returncode if d.returncode in (0, 2) else 0) for d in done)]
     return results, metrics_once_per_step(here / "run")
 
@@ -244,28 +251,22 @@ def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
 @case("SIGHUP while training")
 def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
     child = drill.start(drill.train(here / "run", "train.steps=400", "checkpoint.every=100"))
-    deadline = time.time() + LIMIT_S
-    metrics = here / "run" / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.01)
+    wait_for_logged_steps(here / "run", 3)
     child.send_signal(signal.SIGHUP)
-    out, err = child.communicate(timeout=LIMIT_S)
-    done = subprocess.CompletedProcess([], child.returncode, out, err)
+    done = finished(child)
+    err = done.stderr
     return [judged(done, 0)], "stopped by SIGHUP" in err
 
 
 @case("Ctrl-C twice while training")
 def _(drill: Drill, here: Path) -> tuple[list[dict], bool]:
     child = drill.start(drill.train(here / "run", "train.steps=400", "checkpoint.every=5"))
-    deadline = time.time() + LIMIT_S
-    metrics = here / "run" / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.01)
+    wait_for_logged_steps(here / "run", 3)
     child.send_signal(signal.SIGINT)
     time.sleep(0.05)  # two signals sent at once arrive as one
     child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=LIMIT_S)
-    done = subprocess.CompletedProcess([], child.returncode, out, err)
+    done = finished(child)
+    err = done.stderr
     outcome = judged(done, 130) | {"one_line_error": err.strip().splitlines()[-1] == "lmjax: interrupted"}
     resumed = drill.run(drill.train(here / "run", "train.steps=12", "checkpoint.every=5"))
     return [outcome, judged(resumed, 0)], metrics_once_per_step(here / "run")
