@@ -178,3 +178,16 @@ def test_two_processes_with_the_workdir_and_token_cache_on_a_bucket(gcs_server, 
     assert f"tokenizing stdlib corpus into {cache_dir}/" in errs[0]  # built once, by process 0
     assert any(n.endswith("/meta.json") for n in gcs_server.names(f"{prefix(cache_dir)}/"))
     assert_close(losses(workdir), losses(one), range(1, multihost.STEPS + 1))
+
+
+def test_a_damaged_checkpoint_on_a_bucket_is_set_aside_and_the_one_before_taken(gcs_server, bucket, capsys):
+    workdir = f"{bucket}/run"
+    assert main(argv(workdir, f"train.steps={2 * EVERY}")) == 0
+    params = [n for n in gcs_server.names(f"{prefix(workdir)}/checkpoints/{2 * EVERY}/params/") if "/d/" in n]
+    storage.path(f"gs://lmjax-test/{params[0]}").unlink()  # an array's data object gone
+    capsys.readouterr()
+    assert main(argv(workdir, f"train.steps={3 * EVERY}")) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from step {EVERY} of {3 * EVERY}" in err and "moved the damaged checkpoint" in err
+    names = gcs_server.names(f"{prefix(workdir)}/checkpoints/")
+    assert any(f"/checkpoints/{2 * EVERY}.damaged/" in n for n in names)
