@@ -13,6 +13,7 @@ probe, the lock, config and tokenizer, checkpoints, metrics). Writes
 
 from __future__ import annotations
 
+import argparse
 import collections
 import datetime
 import json
@@ -58,7 +59,8 @@ def touched(request: str) -> str:
     return f"other ({method} {parsed.path})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     server = gcs.Server()
     server.create_bucket("lmjax-bench")
     runs = {}
