@@ -71,6 +71,7 @@ class Model:
     # Recipe options (docs/recipes.md), all off in the GPT-2 experiments:
     mlp: Mlp = "auto"  # auto (gpt2: gelu, llama: swiglu) | gelu | relu2 (ReLU squared) | swiglu
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (learned scale) before attention
+    qkv_bias: bool = False  # llama: biases on the q, k and v projections (Qwen2, Qwen2.5); gpt2 has them
     zero_init: bool = False  # the residual output projections (w_o, w_out / w_down) start at zero
     logit_softcap: NonNegativeFloat = 0.0  # >0: logits = softcap * tanh(logits / softcap)
     z_loss: NonNegativeFloat = 0.0  # >0: the training loss adds z_loss * logsumexp(logits)^2 (not in eval)
@@ -380,6 +381,10 @@ def validate(exp: Experiment) -> None:
     require(
         m.flavour == "gpt2" or m.head_dim % 2 == 0,
         f"head dim model.d_model/model.n_heads={m.head_dim} is odd; RoPE needs it even: change either",
+    )
+    require(
+        not (m.qkv_bias and m.flavour == "gpt2"),
+        "model.qkv_bias=true is for the llama flavour (Qwen2); gpt2 already biases q, k and v: leave it off",
     )
     require(
         m.loss_chunk == 0 or m.seq_len % m.loss_chunk == 0,

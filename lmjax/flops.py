@@ -40,7 +40,7 @@ def matmul_params(cfg: config.Model) -> int:
 
 def count_params(cfg: config.Model) -> int:
     """All parameters in closed form: the matmul ones, plus the input embedding table when the
-    head is untied, positions, norms, biases and QK-norm scales."""
+    head is untied, positions, norms, biases (qkv_bias's too) and QK-norm scales."""
     L, D, H, K, E, F = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim
     embedding = 0 if cfg.tied else cfg.padded_vocab * D
     if cfg.flavour == "gpt2":  # LayerNorms with biases, biased projections, learned positions
@@ -49,7 +49,8 @@ def count_params(cfg: config.Model) -> int:
     else:  # RMSNorm scales only
         rest = L * 2 * D + D
     qk_norm = 2 * L * E if cfg.qk_norm else 0
-    return matmul_params(cfg) + embedding + rest + qk_norm
+    qkv_bias = L * (H + 2 * K) * E if cfg.qkv_bias else 0  # llama only (config.validate)
+    return matmul_params(cfg) + embedding + rest + qk_norm + qkv_bias
 
 
 def flops_per_token(cfg: config.Model) -> float:

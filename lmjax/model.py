@@ -5,7 +5,8 @@ llama: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied head, no biase
 
 Recipe options (config.Model, all off by default): `mlp` picks the MLP (gelu or relu2: two
 matrices, with biases in the gpt2 flavour; swiglu: three matrices, no biases in either flavour),
-`qk_norm` RMS-normalises each head's queries and keys before RoPE, `zero_init` starts the
+`qk_norm` RMS-normalises each head's queries and keys before RoPE, `qkv_bias` gives the llama
+flavour's q, k and v projections biases (Qwen2; gpt2 has them anyway), `zero_init` starts the
 residual output projections at zero, and `logit_softcap` squashes the logits with tanh. The
 objective the logits feed (cross-entropy, `z_loss`) is `loss.py`'s.
 
@@ -98,6 +99,10 @@ class Layers(nnx.Module):
         if cfg.qk_norm:
             self.q_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
             self.k_norm_scale = param(ones, (L, E), ("layers", "head_dim"))
+        if cfg.qkv_bias:  # llama's q/k/v biases (Qwen2): gpt2's names and axes, so _block adds either
+            self.b_q = param(zeros, (L, H, E), ("layers", "heads", "head_dim"))
+            self.b_k = param(zeros, (L, K, E), ("layers", "kv_heads", "head_dim"))
+            self.b_v = param(zeros, (L, K, E), ("layers", "kv_heads", "head_dim"))
 
     def arrays(self, dtype: jnp.dtype) -> Params:
         return {k: v[...].astype(dtype) for k, v in vars(self).items() if isinstance(v, nnx.Param)}
@@ -266,11 +271,10 @@ def _block(
     attend to it; returns the block's output and the updated (k, v) cache (None without one)."""
     gpt2 = cfg.flavour == "gpt2"
     h_BTD = _norm(cfg, x_BTD, p["attn_norm_scale"], p.get("attn_norm_bias"))
-    q_BTHE = jnp.einsum("btd,dhe->bthe", h_BTD, p["w_q"])
-    k_BTKE = jnp.einsum("btd,dke->btke", h_BTD, p["w_k"])
-    v_BTKE = jnp.einsum("btd,dke->btke", h_BTD, p["w_v"])
-    if gpt2:
-        q_BTHE, k_BTKE, v_BTKE = q_BTHE + p["b_q"], k_BTKE + p["b_k"], v_BTKE + p["b_v"]
+    # Biased in the gpt2 flavour and with qkv_bias: added before RoPE, as Qwen2 adds them.
+    q_BTHE = _plus(jnp.einsum("btd,dhe->bthe", h_BTD, p["w_q"]), p.get("b_q"))
+    k_BTKE = _plus(jnp.einsum("btd,dke->btke", h_BTD, p["w_k"]), p.get("b_k"))
+    v_BTKE = _plus(jnp.einsum("btd,dke->btke", h_BTD, p["w_v"]), p.get("b_v"))
     if cfg.qk_norm:  # per head, before RoPE (OLMo-2, Qwen3, modded-nanogpt); keys are cached normed
         q_BTHE = _norm(cfg, q_BTHE, p["q_norm_scale"], None)
         k_BTKE = _norm(cfg, k_BTKE, p["k_norm_scale"], None)

@@ -4,7 +4,8 @@ The runs exported here hold random parameters (norm scales and biases too), save
 `checkpoint.Checkpoints` as training saves them, so that a swapped norm or a transposed square
 matrix changes the logits. What the Hugging Face side expects is written out by hand below
 (tensor names and shapes, config fields) and computed by a numpy forward pass written from
-transformers' modeling_gpt2.py and modeling_llama.py, not from lmjax's export code.
+transformers' modeling_gpt2.py and modeling_llama.py (with modeling_qwen2.py's q/k/v biases,
+for test_qwen2.py), not from lmjax's export code.
 """
 
 import json
@@ -247,10 +248,12 @@ def gpt2_logits(cfg, w, ids):
 
 
 def llama_logits(cfg, w, ids):
-    """modeling_llama.py: nn.Linear is x @ W.T; RoPE rotate_half with cos/sin of
-    cat(freqs, freqs); repeat_kv gives query head h the kv head h // (H / K); RMSNorm."""
+    """modeling_llama.py: nn.Linear is x @ W.T (+ b where the checkpoint has a bias: Qwen2's
+    q_proj, k_proj and v_proj in modeling_qwen2.py, added before RoPE); RoPE rotate_half with
+    cos/sin of cat(freqs, freqs); repeat_kv gives query head h the kv head h // (H / K); RMSNorm."""
     B, T = ids.shape
-    H, K, E = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    E = cfg.get("head_dim", cfg["hidden_size"] // H)  # Qwen2Config has none: getattr's default
     eps = cfg["rms_norm_eps"]
     w = {k: v.astype(np.float64) for k, v in w.items()}
 
@@ -267,13 +270,16 @@ def llama_logits(cfg, w, ids):
     def heads(t, n):
         return t.reshape(B, T, n, E).transpose(0, 2, 1, 3)
 
+    def projected(h, name, n):  # nn.Linear: bias=True only for Qwen2's q, k and v
+        return heads(h @ w[name + ".weight"].T + w.get(name + ".bias", 0.0), n)
+
     x = w["model.embed_tokens.weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms(x, w[p + "input_layernorm.weight"])
-        q = heads(h @ w[p + "self_attn.q_proj.weight"].T, H)
-        k = heads(h @ w[p + "self_attn.k_proj.weight"].T, K)
-        v = heads(h @ w[p + "self_attn.v_proj.weight"].T, K)
+        q = projected(h, p + "self_attn.q_proj", H)
+        k = projected(h, p + "self_attn.k_proj", K)
+        v = projected(h, p + "self_attn.v_proj", K)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
         x = x + _attend(q, k, v) @ w[p + "self_attn.o_proj.weight"].T
@@ -701,7 +707,7 @@ def test_export_config_refuses_what_the_hf_classes_cannot_compute(name, changes,
 
     m = config.Model(**{**vars(MODELS[name]), **changes})
     if refused is None:
-        assert hf_config.hf_config(m, 1, 2, "float32")["architectures"] == [hf_config.ARCHITECTURES[name]]
+        assert hf_config.hf_config(m, 1, 2, "float32")["architectures"] == [hf_config.architecture(m)]
         return
     with pytest.raises(config.UserError, match="cannot be exported") as e:
         hf_config.hf_config(m, 1, 2, "float32")

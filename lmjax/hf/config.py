@@ -1,5 +1,9 @@
-"""lmjax's `config.Model` as a Hugging Face `config.json` (GPT2LMHeadModel, LlamaForCausalLM) and
-back. Import refuses, as a UserError (exit 2), any setting lmjax's model cannot compute."""
+"""lmjax's `config.Model` as a Hugging Face `config.json` (GPT2LMHeadModel, LlamaForCausalLM,
+Qwen2ForCausalLM) and back. Import refuses, as a UserError (exit 2), any setting lmjax's model
+cannot compute.
+
+Qwen2 (and Qwen2.5, the same class) is the llama flavour with `model.qkv_bias`: LLaMA's blocks
+with biases on the q, k and v projections only, not on o_proj or the MLP."""
 
 from __future__ import annotations
 
@@ -11,17 +15,26 @@ from lmjax.config import UserError
 
 HfConfig = dict[str, Any]  # a transformers config.json: keys to JSON values of any kind
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+GPT2, LLAMA, QWEN2 = "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"
+ARCHITECTURES = {GPT2: "gpt2", LLAMA: "llama", QWEN2: "qwen2"}  # the class -> its config's model_type
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 # GPT-2's "gelu_new" is the tanh approximation, which is jax.nn.gelu's default (approximate=True).
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def architecture(m: config.Model) -> str:
+    """The transformers class that computes `m`'s blocks: GPT-2's, LLaMA's, or Qwen2's (LLaMA's
+    with q/k/v biases)."""
+    if m.flavour == "gpt2":
+        return GPT2
+    return QWEN2 if m.qkv_bias else LLAMA
+
+
 def check_exportable(m: config.Model) -> None:
-    """Refuse, as one UserError naming each setting, a model that GPT2LMHeadModel or
-    LlamaForCausalLM cannot compute. zero_init and z_loss change training, not the architecture:
-    such models export."""
-    arch = ARCHITECTURES[m.flavour]
+    """Refuse, as one UserError naming each setting, a model that its transformers class
+    (`architecture`) cannot compute. zero_init and z_loss change training, not the
+    architecture: such models export."""
+    arch = architecture(m)
     native_mlp = "gelu" if m.flavour == "gpt2" else "swiglu"
     problems = []
     if m.flavour == "gpt2" and m.kv_heads != m.n_heads:
@@ -42,9 +55,10 @@ def check_exportable(m: config.Model) -> None:
 def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> HfConfig:
     """The `config.json` of `m` for transformers; `dtype`: the stored tensors' (float32|bfloat16)."""
     check_exportable(m)
+    arch = architecture(m)
     common = {
-        "architectures": [ARCHITECTURES[m.flavour]],
-        "model_type": m.flavour,
+        "architectures": [arch],
+        "model_type": ARCHITECTURES[arch],
         "vocab_size": m.vocab_size,  # the tokenizer's, without lmjax's padding
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -70,20 +84,29 @@ def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> HfConfig
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
         }
-    return common | {
+    llama_blocks = common | {
         "hidden_size": m.d_model,
         "intermediate_size": m.ff_dim,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads,
-        "head_dim": m.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.seq_len,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
         "rope_scaling": None,
-        "attention_bias": False,
         "attention_dropout": 0.0,
+    }
+    if arch == QWEN2:  # Qwen2Config has no head_dim or bias switches: q/k/v biased, nothing else
+        return llama_blocks | {
+            "use_sliding_window": False,
+            "sliding_window": None,  # what Qwen2Config keeps when use_sliding_window is false
+            "max_window_layers": m.n_layers,
+            "layer_types": ["full_attention"] * m.n_layers,
+        }
+    return llama_blocks | {
+        "head_dim": m.head_dim,
+        "attention_bias": False,
         "mlp_bias": False,
         "pretraining_tp": 1,
     }
@@ -92,14 +115,14 @@ def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> HfConfig
 def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
     """The lmjax model of a Hugging Face `config.json` (read from `where`)."""
     archs = cfg.get("architectures") or []
-    flavours = [f for f, a in ARCHITECTURES.items() if a in archs]
-    if not flavours:
+    known = [a for a in ARCHITECTURES if a in archs]
+    if not known:
         raise UserError(
             f"{where}: architectures={archs} is not one lmjax reads; it reads "
-            f"{sorted(ARCHITECTURES.values())} checkpoints"
+            f"{sorted(ARCHITECTURES)} checkpoints"
         )
-    flavour = flavours[0]
-    if flavour == "gpt2":
+    arch = known[0]
+    if arch == GPT2:
         # Absent: GPT2Config's default, gelu_new.
         _refuse(cfg, where, "activation_function", lambda v: v is None or v in GELU_TANH, "gelu_new")
         _refuse(cfg, where, "scale_attn_weights", lambda v: v in (None, True), True)
@@ -116,15 +139,18 @@ def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
         )
     else:
         _refuse(cfg, where, "hidden_act", lambda v: v in (None, "silu"), "silu")
-        for key in ("attention_bias", "mlp_bias"):
-            _refuse(cfg, where, key, lambda v: not v, None)
+        if arch == QWEN2:
+            _refuse_sliding_window(cfg, where)
+        else:  # LlamaConfig's switches; Qwen2's biases are fixed (q/k/v only) and its window has its own
+            for key in ("attention_bias", "mlp_bias"):
+                _refuse(cfg, where, key, lambda v: not v, None)
+            _refuse(cfg, where, "sliding_window", lambda v: v is None, None)
         _refuse(cfg, where, "rope_scaling", _no_scaling, None)
         rope = cfg.get("rope_parameters") or {}
         _refuse(
             rope, where, "rope_parameters.rope_type", lambda v: v in (None, "default"), "default", "rope_type"
         )
         _refuse(cfg, where, "partial_rotary_factor", lambda v: v in (None, 1, 1.0), 1.0)
-        _refuse(cfg, where, "sliding_window", lambda v: v is None, None)
         d_model, n_heads = _int(cfg, where, "hidden_size"), _int(cfg, where, "num_attention_heads")
         _refuse(cfg, where, "head_dim", lambda v: v in (None, d_model // n_heads), d_model // n_heads)
         fields = dict(
@@ -136,9 +162,10 @@ def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == QWEN2,
         )
     m = config.Model(
-        flavour=flavour,
+        flavour="gpt2" if arch == GPT2 else "llama",
         vocab_size=_int(cfg, where, "vocab_size"),
         d_model=d_model,
         param_dtype=param_dtype,
@@ -150,6 +177,20 @@ def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
     except UserError as e:
         raise UserError(f"{where} describes a model lmjax cannot build: {e}") from None
     return m
+
+
+def _refuse_sliding_window(cfg: HfConfig, where: str) -> None:
+    """Qwen2 attends within `sliding_window` only when `use_sliding_window` is true (then in the
+    layers from `max_window_layers` on, or those `layer_types` names): lmjax attends over the
+    whole context. Qwen2 and Qwen2.5 checkpoints ship it false, with a window size all the same."""
+    _refuse(cfg, where, "use_sliding_window", lambda v: not v, False)
+    _refuse(
+        cfg,
+        where,
+        "layer_types",
+        lambda v: v is None or set(v) <= {"full_attention"},
+        "full_attention in every layer",
+    )
 
 
 def _no_scaling(rope_scaling: object) -> bool:

@@ -3,9 +3,10 @@
   python -m lmjax.export --workdir DIR --to hf OUT [--dtype bf16|fp32] [--shard-size 5GB]
   python -m lmjax.export --from-hf PATH --to lmjax DIR [--dtype fp32|bf16]
 
-Export writes OUT/config.json (GPT2LMHeadModel or LlamaForCausalLM), model.safetensors (or
-shards and model.safetensors.index.json above --shard-size) and the tokenizer (tokenizer.py)
-from DIR's newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
+Export writes OUT/config.json (GPT2LMHeadModel, LlamaForCausalLM, or Qwen2ForCausalLM for a
+llama-flavour run with model.qkv_bias), model.safetensors (or shards and
+model.safetensors.index.json above --shard-size) and the tokenizer (tokenizer.py) from DIR's
+newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
 sentencepiece tokenizer.model; nothing is downloaded) into an lmjax run folder: config.json,
 tokenizer.model and a step-0 checkpoint that `checkpoint.load_params` reads onto any mesh and
 `--set checkpoint.init_from=DIR` starts training from. Its config computes in the checkpoint's
@@ -247,6 +248,7 @@ def model_sets(m: config.Model, n_pieces: int) -> list[str]:
     """The `--set model.*` flags a warm-started run needs to have this model's shapes."""
     keys = ["flavour", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "tie_embeddings", "norm_eps"]
     keys += ["seq_len"] if m.flavour == "gpt2" else ["rope_theta"]
+    keys += ["qkv_bias"] if m.qkv_bias else []  # Qwen2: three more parameters per layer
     sets = [f"--set model.{k}={str(getattr(m, k)).lower()}" for k in keys]
     return sets + ([f"--set model.vocab_size={m.vocab_size}"] if m.vocab_size != n_pieces else [])
 
@@ -261,7 +263,7 @@ def _check_tensors(reader: hf_safetensors.Reader, m: config.Model, src: Path) ->
         return name.removeprefix("transformer.") if prefix else name
 
     wanted = {rename(n): s for n, s in hf_layout.hf_tensors(m)}
-    arch = f"{hf_config.ARCHITECTURES[m.flavour]} of {src}/config.json"
+    arch = f"{hf_config.architecture(m)} of {src}/config.json"
     for name, shape in wanted.items():
         if name not in names:
             raise UserError(f"{src}: tensor {name} is missing; {arch} needs it with shape {shape}")

@@ -3,9 +3,10 @@
 lmjax stores layers stacked (`[L, ...]`), attention projections per head (`w_q [D, H, E]`,
 `w_o [H, E, D]`) and the vocabulary padded to a multiple of 128 (model.py). Hugging Face keeps
 one tensor per layer, with GPT-2's `Conv1D` weights as `[in, out]` (q, k and v side by side in
-`c_attn`) and LLaMA's `nn.Linear` weights as `[out, in]`. Both use the rotate-half RoPE layout
-that lmjax uses, so q/k need no permutation. Padding rows are dropped on export and zeros on
-import (their logits are masked, so they never matter).
+`c_attn`) and LLaMA's and Qwen2's `nn.Linear` weights as `[out, in]` (Qwen2's q/k/v biases flat,
+`[H*E]`). All use the rotate-half RoPE layout that lmjax uses, so q/k need no permutation.
+Padding rows are dropped on export and zeros on import (their logits are masked, so they never
+matter).
 
 Numpy only: no jax here.
 """
@@ -87,6 +88,11 @@ def _linear(name: str, param: str, in_shape: tuple[int, ...], out_shape: tuple[i
     return Link(name, (param,), (n_out, n_in), to_hf, from_hf)
 
 
+def _bias(name: str, param: str, heads: int, E: int) -> Link:
+    """An lmjax per-head bias `[N, E]` as a torch `nn.Linear` bias `[N*E]` (Qwen2's q/k/v)."""
+    return Link(name, (param,), (heads * E,), lambda x: x.reshape(-1), lambda t: (t.reshape(heads, E),))
+
+
 def _flat_in(name: str, param: str, in_shape: tuple[int, ...], n_out: int) -> Link:
     """An lmjax weight `[*in, out]` as a GPT-2 `Conv1D` weight `[in, out]` (in flattened)."""
     n_in = int(np.prod(in_shape))
@@ -124,13 +130,24 @@ def links(m: config.Model) -> list[Link]:
         ]
     else:
         h = "model.layers.{i}."
+        a = h + "self_attn."
+        qkv = [
+            _linear(a + "q_proj.weight", "layers.w_q", (D,), (H, E)),
+            _linear(a + "k_proj.weight", "layers.w_k", (D,), (K, E)),
+            _linear(a + "v_proj.weight", "layers.w_v", (D,), (K, E)),
+        ]
+        if m.qkv_bias:  # Qwen2: each projection's bias after its weight, as nn.Linear lists them
+            biases = [
+                _bias(a + "q_proj.bias", "layers.b_q", H, E),
+                _bias(a + "k_proj.bias", "layers.b_k", K, E),
+                _bias(a + "v_proj.bias", "layers.b_v", K, E),
+            ]
+            qkv = [link for pair in zip(qkv, biases, strict=True) for link in pair]
         out = [
             _vocab_rows("model.embed_tokens.weight", "embed", m, transposed=False),
             _same(h + "input_layernorm.weight", "layers.attn_norm_scale", (D,)),
-            _linear(h + "self_attn.q_proj.weight", "layers.w_q", (D,), (H, E)),
-            _linear(h + "self_attn.k_proj.weight", "layers.w_k", (D,), (K, E)),
-            _linear(h + "self_attn.v_proj.weight", "layers.w_v", (D,), (K, E)),
-            _linear(h + "self_attn.o_proj.weight", "layers.w_o", (H, E), (D,)),
+            *qkv,
+            _linear(a + "o_proj.weight", "layers.w_o", (H, E), (D,)),
             _same(h + "post_attention_layernorm.weight", "layers.mlp_norm_scale", (D,)),
             _linear(h + "mlp.gate_proj.weight", "layers.w_gate", (D,), (F,)),
             _linear(h + "mlp.up_proj.weight", "layers.w_up", (D,), (F,)),
