@@ -72,6 +72,8 @@ class Model:
     mlp: Mlp = "auto"  # auto (gpt2: gelu, llama: swiglu) | gelu | relu2 (ReLU squared) | swiglu
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (learned scale) before attention
     qkv_bias: bool = False  # llama: biases on the q, k and v projections (Qwen2, Qwen2.5); gpt2 has them
+    # >0: each token attends to at most the last sliding_window tokens, itself included (Mistral)
+    sliding_window: NonNegativeInt = 0
     zero_init: bool = False  # the residual output projections (w_o, w_out / w_down) start at zero
     logit_softcap: NonNegativeFloat = 0.0  # >0: logits = softcap * tanh(logits / softcap)
     z_loss: NonNegativeFloat = 0.0  # >0: the training loss adds z_loss * logsumexp(logits)^2 (not in eval)
@@ -385,6 +387,11 @@ def validate(exp: Experiment) -> None:
     require(
         not (m.qkv_bias and m.flavour == "gpt2"),
         "model.qkv_bias=true is for the llama flavour (Qwen2); gpt2 already biases q, k and v: leave it off",
+    )
+    require(  # lmjax.attention's fused kernels mask plain causal attention only
+        m.sliding_window == 0 or m.attention in ("auto", "xla", "reference"),
+        f"model.attention={m.attention} cannot honour model.sliding_window={m.sliding_window}; "
+        "use model.attention=xla (or auto)",
     )
     require(
         m.loss_chunk == 0 or m.seq_len % m.loss_chunk == 0,

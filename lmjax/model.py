@@ -6,9 +6,11 @@ llama: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, untied head, no biase
 Recipe options (config.Model, all off by default): `mlp` picks the MLP (gelu or relu2: two
 matrices, with biases in the gpt2 flavour; swiglu: three matrices, no biases in either flavour),
 `qk_norm` RMS-normalises each head's queries and keys before RoPE, `qkv_bias` gives the llama
-flavour's q, k and v projections biases (Qwen2; gpt2 has them anyway), `zero_init` starts the
-residual output projections at zero, and `logit_softcap` squashes the logits with tanh. The
-objective the logits feed (cross-entropy, `z_loss`) is `loss.py`'s.
+flavour's q, k and v projections biases (Qwen2; gpt2 has them anyway), `sliding_window` lets
+each token attend to the last W tokens only (Mistral; in training and in the KV-cache decode
+alike, whose cache still keeps every slot), `zero_init` starts the residual output projections
+at zero, and `logit_softcap` squashes the logits with tanh. The objective the logits feed
+(cross-entropy, `z_loss`) is `loss.py`'s.
 
 Layer parameters are stored stacked, `[L, ...]`, and the forward pass either unrolls a Python
 loop over them or `lax.scan`s: the same parameter tree either way. Parameters are kept in
@@ -285,7 +287,12 @@ def _block(
     k_BTKE = checkpoint_name(constrain(k_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
     v_BTKE = checkpoint_name(constrain(v_BTKE, ("act_batch", "act_seq", "act_kv_heads", None)), "qkv")
     if kv is None:
-        kernel = functools.partial(attention, implementation=cfg.attention, max_segments=cfg.max_segments)
+        kernel = functools.partial(
+            attention,
+            implementation=cfg.attention,
+            max_segments=cfg.max_segments,
+            window=cfg.sliding_window,
+        )
         o_BTHE = kernel(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
         new_kv = None
     else:
@@ -295,7 +302,7 @@ def _block(
             jax.lax.dynamic_update_slice(k_LBSKE, k_BTKE.astype(k_LBSKE.dtype)[None], at),
             jax.lax.dynamic_update_slice(v_LBSKE, v_BTKE.astype(v_LBSKE.dtype)[None], at),
         )
-        o_BTHE = cached_attention(q_BTHE, new_kv[0][i], new_kv[1][i], slots_T, start_B)
+        o_BTHE = cached_attention(q_BTHE, new_kv[0][i], new_kv[1][i], slots_T, start_B, cfg.sliding_window)
     o_BTHE = checkpoint_name(o_BTHE, "attn_out")
     attn_BTD = jnp.einsum("bthe,hed->btd", o_BTHE, p["w_o"])
     x_BTD = constrain(x_BTD + (attn_BTD + p["b_o"] if gpt2 else attn_BTD), _ACT_BTD)

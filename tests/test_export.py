@@ -217,10 +217,15 @@ def _layer_norm(x, w, b, eps):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
-def _attend(q_BHTE, k_BHTE, v_BHTE):
+def _attend(q_BHTE, k_BHTE, v_BHTE, window=0):
+    """Causal softmax attention; `window` > 0: each query sees the last `window` keys, itself
+    included (modeling_mistral.py's sliding window: key s is seen from query t when t - s < window)."""
     T, E = q_BHTE.shape[2], q_BHTE.shape[3]
     s = q_BHTE @ k_BHTE.swapaxes(-1, -2) / np.sqrt(E)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    seen_TS = np.tril(np.ones((T, T), bool))
+    if window:
+        seen_TS &= np.triu(np.ones((T, T), bool), 1 - window)
+    s = np.where(seen_TS, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     o = (p / p.sum(-1, keepdims=True)) @ v_BHTE
     return o.transpose(0, 2, 1, 3).reshape(o.shape[0], T, -1)  # merge heads: [B, T, H*E]
@@ -247,10 +252,11 @@ def gpt2_logits(cfg, w, ids):
     return x @ w.get("lm_head.weight", w["wte.weight"]).T
 
 
-def llama_logits(cfg, w, ids):
+def llama_logits(cfg, w, ids, window=0):
     """modeling_llama.py: nn.Linear is x @ W.T (+ b where the checkpoint has a bias: Qwen2's
     q_proj, k_proj and v_proj in modeling_qwen2.py, added before RoPE); RoPE rotate_half with
-    cos/sin of cat(freqs, freqs); repeat_kv gives query head h the kv head h // (H / K); RMSNorm."""
+    cos/sin of cat(freqs, freqs); repeat_kv gives query head h the kv head h // (H / K); RMSNorm.
+    `window` > 0: modeling_mistral.py's sliding window in every layer (`_attend`)."""
     B, T = ids.shape
     H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     E = cfg.get("head_dim", cfg["hidden_size"] // H)  # Qwen2Config has none: getattr's default
@@ -282,7 +288,7 @@ def llama_logits(cfg, w, ids):
         v = projected(h, p + "self_attn.v_proj", K)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)
-        x = x + _attend(q, k, v) @ w[p + "self_attn.o_proj.weight"].T
+        x = x + _attend(q, k, v, window) @ w[p + "self_attn.o_proj.weight"].T
         h = rms(x, w[p + "post_attention_layernorm.weight"])
         gate = h @ w[p + "mlp.gate_proj.weight"].T
         x = (
@@ -401,8 +407,8 @@ REFUSALS = {
         "(8, 32)",
     ),
     "architecture": (
-        {"architectures": ["MistralForCausalLM"]},
-        "architectures=['MistralForCausalLM']",
+        {"architectures": ["MixtralForCausalLM"]},  # Mistral's mixture of experts
+        "architectures=['MixtralForCausalLM']",
         "reads",
     ),
     "rope_scaling": (

@@ -224,3 +224,10 @@ def test_json_output_parses(capsys):
     assert plan.main(["--experiment", "stdlib_tiny", "--devices", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fits"] and result["memory"]["total"] > 0 and result["n_devices"] == 1
+
+
+def test_a_sliding_window_model_plans_with_the_kernel_that_honours_it():
+    """On a GPU, auto would pick a fused kernel that cannot mask a window: the plan traces xla."""
+    exp = plan.resolve("gpt2_124m", ["model.flavour=llama", "model.sliding_window=256"])
+    assert plan_memory._traceable_attention(exp.model, "gpu", (9, 0)) == "xla"
+    assert plan.plan(exp, hardware.parse("1xH100")).memory["total"] > 0

@@ -5,6 +5,10 @@ letters: the package docstring (`lmjax`). `segment_ids_BT` (int32, >= 1, non-dec
 marks packed documents; a token attends only to earlier-or-same tokens of its own segment. No
 implementation ignores segment ids: one that cannot honour them raises ValueError.
 
+`window` > 0 (`model.sliding_window`, Mistral): a token attends to at most the last `window`
+tokens, itself included (query t sees key s when t - window < s <= t), within its segment. Only
+reference and xla take a window (auto picks xla); the fused kernels refuse it with a UserError.
+
 Implementations (`model.attention`):
     reference     fp32 einsum; the yardstick the others are tested against.
     xla           jax.nn.dot_product_attention(implementation="xla"), segments as a dense T x T mask.
@@ -41,10 +45,14 @@ import jax.numpy as jnp
 
 from lmjax import config, sharding
 from lmjax.attention import kernels
+from lmjax.config import UserError
 
 IMPLEMENTATIONS = typing.get_args(config.Attention)
 
 Capability = tuple[int, int]
+# The implementations that mask a sliding window (auto: by picking xla). cuDNN's and the Pallas
+# kernels' masks are fixed causal (and per segment) here.
+WINDOWED = ("auto", "xla", "reference")
 
 
 def attention(
@@ -55,15 +63,19 @@ def attention(
     *,
     implementation: str = "auto",
     max_segments: int = 0,
+    window: int = 0,
 ) -> jax.Array:
     """Causal attention; returns o_BTHE in q's dtype. `max_segments`: documents per row the
-    cuDNN packed kernel is sized for (0: the most lmjax's packer can put in a row)."""
+    cuDNN packed kernel is sized for (0: the most lmjax's packer can put in a row). `window`:
+    the sliding window (module docstring), 0 for none."""
     segmented = segment_ids_BT is not None
-    impl = resolve(implementation, q_BTHE.shape, q_BTHE.dtype, segmented, kv_heads=k_BTKE.shape[2])
+    impl = resolve(
+        implementation, q_BTHE.shape, q_BTHE.dtype, segmented, kv_heads=k_BTKE.shape[2], window=window
+    )
     if impl == "reference":
-        return reference(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+        return reference(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, window)
     if impl == "xla":
-        return _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+        return _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, window)
     if impl == "cudnn" or segment_ids_BT is None and impl == "cudnn_packed":
         return _cudnn(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
     if impl == "cudnn_packed":
@@ -98,15 +110,24 @@ def resolve(
     kv_heads: int | None = None,
     backend: str | None = None,
     capability: Capability | None = None,
+    window: int = 0,
 ) -> str:
     """The implementation `attention` runs: `implementation` itself, or auto's pick (module
     docstring). `backend` and `capability` (CUDA compute capability, None off CUDA) default to
     this machine's; given a backend, the capability is taken as given. `kv_heads`: k/v heads
-    when fewer than q's (grouped-query)."""
+    when fewer than q's (grouped-query). `window` > 0: only reference and xla mask a sliding
+    window, so auto gives xla and the fused kernels are refused."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
+    if window and implementation not in WINDOWED:
+        raise UserError(
+            f"model.attention={implementation} cannot honour model.sliding_window={window}; "
+            "use model.attention=xla (or auto)"
+        )
     if implementation != "auto":
         return implementation
+    if window:
+        return "xla"
     if backend is None:
         backend, capability = jax.default_backend(), cuda_capability()
     _, T, H, E = q_shape
@@ -131,23 +152,30 @@ def reference(
     k_BTKE: jax.Array,
     v_BTKE: jax.Array,
     segment_ids_BT: jax.Array | None = None,
+    window: int = 0,
 ) -> jax.Array:
     """Plain einsum attention in fp32: the yardstick the fast paths are tested against."""
-    T = q_BTHE.shape[1]
-    mask_TS = jnp.tril(jnp.ones((T, T), bool))
+    positions_T = jnp.arange(q_BTHE.shape[1])
+    mask_TS = _causal(positions_T, positions_T, window)
     mask_BTS = mask_TS[None] if segment_ids_BT is None else mask_TS & _segment_mask(segment_ids_BT)
     return _einsum_attention(q_BTHE, k_BTKE, v_BTKE, mask_BTS)
 
 
 def cached(
-    q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array, slots_T: jax.Array, start_B: jax.Array
+    q_BTHE: jax.Array,
+    k_BSKE: jax.Array,
+    v_BSKE: jax.Array,
+    slots_T: jax.Array,
+    start_B: jax.Array,
+    window: int = 0,
 ) -> jax.Array:
     """Attention of T new queries, at cache slots `slots_T`, to a KV cache of S slots: query
-    slot t sees slots start_B..t of its row (rows are left-padded up to start_B). fp32 einsum:
-    decoding reads the whole cache once per token, which the fused training kernels do not
-    speed up."""
+    slot t sees slots start_B..t of its row (rows are left-padded up to start_B), the last
+    `window` of them when > 0 (a row's slots are consecutive positions, so the window counts
+    slots). fp32 einsum: decoding reads the whole cache once per token, which the fused
+    training kernels do not speed up."""
     slots_S = jnp.arange(k_BSKE.shape[1])
-    seen_BTS = (slots_S <= slots_T[:, None])[None] & (slots_S >= start_B[:, None, None])
+    seen_BTS = _causal(slots_T, slots_S, window)[None] & (slots_S >= start_B[:, None, None])
     return _einsum_attention(q_BTHE, k_BSKE, v_BSKE, seen_BTS)
 
 
@@ -166,8 +194,12 @@ def _einsum_attention(q_BTHE, k_BSKE, v_BSKE, seen_BTS):
     return o_BTKGE.reshape(q_BTHE.shape).astype(q_BTHE.dtype)
 
 
-def _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
+def _xla(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, window=0):
     mask_B1TS = None if segment_ids_BT is None else _segment_mask(segment_ids_BT)[:, None]
+    if window:  # a dense mask, as for segments; is_causal below still masks the future
+        positions_T = jnp.arange(q_BTHE.shape[1])
+        window_11TS = _causal(positions_T, positions_T, window)[None, None]
+        mask_B1TS = window_11TS if mask_B1TS is None else mask_B1TS & window_11TS
     return jax.nn.dot_product_attention(
         q_BTHE, k_BTKE, v_BTKE, mask=mask_B1TS, is_causal=True, implementation="xla"
     )
@@ -183,6 +215,13 @@ def _cudnn(q_BTHE, k_BTKE, v_BTKE, segment_ids_BT):
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _causal(at_T: jax.Array, at_S: jax.Array, window: int) -> jax.Array:
+    """[T, S]: key position s is at or before query position t and, with a window, among the last
+    `window` of them (t - s < window: Mistral's, and transformers' sliding-window mask)."""
+    seen_TS = at_S[None] <= at_T[:, None]
+    return seen_TS & (at_S[None] > at_T[:, None] - window) if window else seen_TS
 
 
 def _segment_mask(segment_ids_BT: jax.Array) -> jax.Array:

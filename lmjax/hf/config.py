@@ -1,9 +1,11 @@
 """lmjax's `config.Model` as a Hugging Face `config.json` (GPT2LMHeadModel, LlamaForCausalLM,
-Qwen2ForCausalLM) and back. Import refuses, as a UserError (exit 2), any setting lmjax's model
-cannot compute.
+Qwen2ForCausalLM, MistralForCausalLM) and back. Import refuses, as a UserError (exit 2), any
+setting lmjax's model cannot compute.
 
 Qwen2 (and Qwen2.5, the same class) is the llama flavour with `model.qkv_bias`: LLaMA's blocks
-with biases on the q, k and v projections only, not on o_proj or the MLP."""
+with biases on the q, k and v projections only, not on o_proj or the MLP. Mistral is the llama
+flavour with `model.sliding_window`: LLaMA's blocks and tensors, each token attending to the last
+`sliding_window` tokens (itself included) in every layer; a null window attends to all."""
 
 from __future__ import annotations
 
@@ -15,19 +17,22 @@ from lmjax.config import UserError
 
 HfConfig = dict[str, Any]  # a transformers config.json: keys to JSON values of any kind
 
-GPT2, LLAMA, QWEN2 = "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"
-ARCHITECTURES = {GPT2: "gpt2", LLAMA: "llama", QWEN2: "qwen2"}  # the class -> its config's model_type
+GPT2, LLAMA, QWEN2, MISTRAL = "GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"
+# the class -> its config's model_type
+ARCHITECTURES = {GPT2: "gpt2", LLAMA: "llama", QWEN2: "qwen2", MISTRAL: "mistral"}
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 # GPT-2's "gelu_new" is the tanh approximation, which is jax.nn.gelu's default (approximate=True).
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def architecture(m: config.Model) -> str:
-    """The transformers class that computes `m`'s blocks: GPT-2's, LLaMA's, or Qwen2's (LLaMA's
-    with q/k/v biases)."""
+    """The transformers class that computes `m`'s blocks: GPT-2's, LLaMA's, Qwen2's (LLaMA's
+    with q/k/v biases) or Mistral's (LLaMA's with a sliding window)."""
     if m.flavour == "gpt2":
         return GPT2
-    return QWEN2 if m.qkv_bias else LLAMA
+    if m.qkv_bias:
+        return QWEN2
+    return MISTRAL if m.sliding_window else LLAMA
 
 
 def check_exportable(m: config.Model) -> None:
@@ -45,6 +50,8 @@ def check_exportable(m: config.Model) -> None:
         problems.append(f"model.qk_norm=true ({arch} has no query/key norm)")
     if m.logit_softcap:
         problems.append(f"model.logit_softcap={m.logit_softcap} ({arch} has no logit soft-cap)")
+    if m.sliding_window and arch != MISTRAL:  # Qwen2's window (use_sliding_window) is not written here
+        problems.append(f"model.sliding_window={m.sliding_window} ({arch} as written has no window)")
     if problems:
         raise UserError(
             f"{'; '.join(problems)}: this model cannot be exported in the Hugging Face {arch} layout; "
@@ -104,6 +111,8 @@ def hf_config(m: config.Model, bos_id: int, eos_id: int, dtype: str) -> HfConfig
             "max_window_layers": m.n_layers,
             "layer_types": ["full_attention"] * m.n_layers,
         }
+    if arch == MISTRAL:  # MistralConfig has no bias switches; its window is every layer's
+        return llama_blocks | {"head_dim": m.head_dim, "sliding_window": m.sliding_window}
     return llama_blocks | {
         "head_dim": m.head_dim,
         "attention_bias": False,
@@ -144,6 +153,7 @@ def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
         else:  # LlamaConfig's switches; Qwen2's biases are fixed (q/k/v only) and its window has its own
             for key in ("attention_bias", "mlp_bias"):
                 _refuse(cfg, where, key, lambda v: not v, None)
+        if arch == LLAMA:  # LlamaConfig has no window: one there is a config lmjax does not know
             _refuse(cfg, where, "sliding_window", lambda v: v is None, None)
         _refuse(cfg, where, "rope_scaling", _no_scaling, None)
         rope = cfg.get("rope_parameters") or {}
@@ -163,6 +173,7 @@ def model_from_hf(cfg: HfConfig, where: str, param_dtype: str) -> config.Model:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == QWEN2,
+            sliding_window=_window(cfg, where) if arch == MISTRAL else 0,
         )
     m = config.Model(
         flavour="gpt2" if arch == GPT2 else "llama",
@@ -191,6 +202,13 @@ def _refuse_sliding_window(cfg: HfConfig, where: str) -> None:
         lambda v: v is None or set(v) <= {"full_attention"},
         "full_attention in every layer",
     )
+
+
+def _window(cfg: HfConfig, where: str) -> int:
+    """Mistral's `sliding_window`: null (Mistral 7B v0.2 on) attends to the whole context, 0 here."""
+    if cfg.get("sliding_window") is None:
+        return 0
+    return _int(cfg, where, "sliding_window")
 
 
 def _no_scaling(rope_scaling: object) -> bool:

@@ -3,8 +3,9 @@
   python -m lmjax.export --workdir DIR --to hf OUT [--dtype bf16|fp32] [--shard-size 5GB]
   python -m lmjax.export --from-hf PATH --to lmjax DIR [--dtype fp32|bf16]
 
-Export writes OUT/config.json (GPT2LMHeadModel, LlamaForCausalLM, or Qwen2ForCausalLM for a
-llama-flavour run with model.qkv_bias), model.safetensors (or shards and
+Export writes OUT/config.json (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM for a
+llama-flavour run with model.qkv_bias, MistralForCausalLM for one with model.sliding_window),
+model.safetensors (or shards and
 model.safetensors.index.json above --shard-size) and the tokenizer (tokenizer.py) from DIR's
 newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
 sentencepiece tokenizer.model; nothing is downloaded) into an lmjax run folder: config.json,
@@ -249,6 +250,7 @@ def model_sets(m: config.Model, n_pieces: int) -> list[str]:
     keys = ["flavour", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "tie_embeddings", "norm_eps"]
     keys += ["seq_len"] if m.flavour == "gpt2" else ["rope_theta"]
     keys += ["qkv_bias"] if m.qkv_bias else []  # Qwen2: three more parameters per layer
+    keys += ["sliding_window"] if m.sliding_window else []  # Mistral: no new shapes, other logits
     sets = [f"--set model.{k}={str(getattr(m, k)).lower()}" for k in keys]
     return sets + ([f"--set model.vocab_size={m.vocab_size}"] if m.vocab_size != n_pieces else [])
 

@@ -182,6 +182,7 @@ def _traceable_attention(cfg: config.Model, backend: str, capability: tuple[int,
         kv_heads=cfg.kv_heads,
         backend=backend,
         capability=capability,
+        window=cfg.sliding_window,
     )
     if impl.startswith("cudnn"):
         return "pallas" if attention_kernels.pallas_fits(cfg.seq_len, cfg.head_dim) else "xla"
