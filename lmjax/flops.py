@@ -4,7 +4,8 @@ Training FLOPs per token = 6 * N + 12 * L * H * E * T, where N counts the parame
 part in matmuls (attention and MLP weights and the output head; not the embedding lookup,
 positions, norms or biases), L is layers, H*E the attention width and T the sequence length.
 6N is forward (2N) plus backward (4N); the second term is attention's QK^T and AV matmuls
-(PaLM's count, causal masking not halved), the same count nanoGPT uses. The MLP has three
+(PaLM's count, causal masking not halved), the same count nanoGPT uses; with a sliding window
+W (`model.sliding_window`) a query meets at most W keys, so T becomes min(T, W). The MLP has three
 matrices for SwiGLU and two otherwise (model.mlp); elementwise work (activations, norms, QK-norm,
 the logit soft-cap) is not counted.
 """
@@ -55,7 +56,8 @@ def count_params(cfg: config.Model) -> int:
 
 def flops_per_token(cfg: config.Model) -> float:
     """Training FLOPs (forward + backward) per token; see the module docstring."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.seq_len
+    span = min(cfg.seq_len, cfg.sliding_window) if cfg.sliding_window else cfg.seq_len
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * span
 
 
 def peak_tflops(device_kind: str, override: float = 0.0) -> float | None:

@@ -13,6 +13,12 @@ def test_flops_per_token_by_hand():
     assert flops.flops_per_token(tiny_experiment("gpt2").model) == 147456 + 24576
 
 
+def test_a_sliding_window_counts_the_keys_a_query_meets():
+    # 12 * L * H*E * min(T, W) = 12 * 2 * 32 * 8 for a window of 8 in T=32
+    model = tiny_experiment("llama", "model.sliding_window=8").model
+    assert flops.flops_per_token(model) == 6 * flops.matmul_params(model) + 12 * 2 * 32 * 8
+
+
 def test_llama_gqa_counts_fewer_kv_flops():
     # llama, 2 kv heads of 8: k and v are 32*16 each; SwiGLU has three 32*64 matrices.
     # N = 2 * (2*32*32 + 2*32*16 + 3*32*64) + 32*256 = 2 * 9216 + 8192 = 26624
