@@ -59,7 +59,7 @@ def write_atomic(target: PathLike, data: bytes) -> None:
         target.write_bytes(data)  # an object is visible only once its upload has completed
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(target)
+    tmp = temporary_name(target)
     try:
         tmp.write_bytes(data)
         tmp.replace(target)
@@ -75,7 +75,7 @@ def create_once(target: PathLike, data: bytes) -> bool:
     if is_bucket(target):
         return _create_object_once(target, data)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(target)
+    tmp = temporary_name(target)
     tmp.write_bytes(data)
     try:
         os.link(tmp, target)  # fails when target exists, unlike a rename
@@ -159,10 +159,20 @@ def move_folder(source: PathLike, target: PathLike) -> None:
     """Rename a folder; on a bucket, copy its objects and delete the originals."""
     source, target = path(source), path(target)
     if is_bucket(source):
-        fs = fsspec.filesystem(urllib.parse.urlparse(os.fspath(source)).scheme)
-        fs.mv(os.fspath(source), os.fspath(target), recursive=True)
+        filesystem(source).mv(object_name(source), object_name(target), recursive=True)
     else:
         source.rename(target)
+
+
+def filesystem(url: PathLike) -> fsspec.AbstractFileSystem:
+    """The fsspec file system of a bucket URL, for what epath does not offer (`**` globs, bulk
+    copies); its listings are not cached (above)."""
+    return fsspec.filesystem(urllib.parse.urlsplit(os.fspath(url)).scheme)
+
+
+def object_name(url: PathLike) -> str:
+    """A bucket path as fsspec names it: without the scheme."""
+    return os.fspath(url).split("://", 1)[1]
 
 
 def staging_folder() -> Path:
@@ -171,7 +181,9 @@ def staging_folder() -> Path:
     return epath.Path(tempfile.mkdtemp(prefix="lmjax-staging-"))
 
 
-def _temporary_name(target: Path) -> Path:
+def temporary_name(target: PathLike) -> Path:
+    """A name beside `target` to write it under before renaming it into place."""
+    target = path(target)
     # Unique across hosts too: processes on several hosts may write the same file (the same
     # bytes) on a shared file system, and containers often share process ids.
     return target.with_name(f".{target.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -35,7 +35,6 @@ from lmjax.config import Data, UserError
 from lmjax.data.cache_build import build, remove_abandoned_builds
 from lmjax.data.cache_meta import Damage, file_problem, parse_meta, records
 from lmjax.data.cache_open import Corpus, open_corpus
-from lmjax.data.files import bucket_filesystem
 
 
 def bucket_corpus(cfg: Data, entry: storage.Path, log: Callable[[str], None], progress: bool) -> Corpus:
@@ -113,13 +112,13 @@ def publish(local: Path, entry: storage.Path, build_id: str) -> bool:
     """Upload the built entry `local` to `entry/<build_id>/`, then create `entry/meta.json`
     naming it, only if no build did first. False when another build won: this upload is
     deleted, theirs is used."""
-    fs = bucket_filesystem(str(entry))
+    fs = storage.filesystem(entry)
     names = sorted(
         p.relative_to(local).as_posix()
         for p in local.rglob("*")
         if p.is_file() and p.name != "meta.json" and not p.name.startswith(".")
     )
-    folder = _object_name(entry / build_id)
+    folder = storage.object_name(entry / build_id)
     fs.put([str(local / n) for n in names], [f"{folder}/{n}" for n in names])
     meta = json.loads((local / "meta.json").read_text())
     meta["upload"] = {"build": build_id, "files": {n: (local / n).stat().st_size for n in names}}
@@ -133,7 +132,7 @@ def publish(local: Path, entry: storage.Path, build_id: str) -> bool:
 def _remove_unnamed_uploads(fs: fsspec.AbstractFileSystem, entry: storage.Path, build_id: str) -> None:
     """Delete upload folders of `entry` other than `build_id`: with meta.json in place none of
     them will ever be read (killed uploads, or racers that are about to lose)."""
-    for name in fs.ls(_object_name(entry), detail=False):
+    for name in fs.ls(storage.object_name(entry), detail=False):
         if name.rstrip("/").rsplit("/", 1)[-1] not in (build_id, "meta.json"):
             fs.rm(name, recursive=True)
 
@@ -157,7 +156,7 @@ def _mirror(entry: storage.Path, meta: dict, log: Callable[[str], None]) -> Path
     damaged = [f"{n}: {p}" for n, p in problems.items() if p != "missing"]
     why = f" ({len(damaged)} damaged, such as {damaged[0]})" if damaged else ""
     log(f"copying {len(problems)} files of {entry} to {local}{why}")
-    tmp = {n: _temporary_name(local / n) for n in problems}
+    tmp = {n: Path(storage.temporary_name(local / n)) for n in problems}
     try:
         _download(entry, build_id, tmp)
         for n, path in tmp.items():
@@ -172,15 +171,13 @@ def _mirror(entry: storage.Path, meta: dict, log: Callable[[str], None]) -> Path
 
 def _download(entry: storage.Path, build_id: str, targets: dict[str, Path]) -> None:
     """Copy the files `targets` names from `entry/<build_id>/` to the local paths it gives."""
-    folder = _object_name(entry / build_id)
+    folder = storage.object_name(entry / build_id)
     try:
         for path in targets.values():
             path.parent.mkdir(parents=True, exist_ok=True)
-        bucket_filesystem(str(entry)).get(
-            [f"{folder}/{n}" for n in targets], [str(p) for p in targets.values()]
-        )
+        storage.filesystem(entry).get([f"{folder}/{n}" for n in targets], [str(p) for p in targets.values()])
     except FileNotFoundError:
-        fs = bucket_filesystem(str(entry))
+        fs = storage.filesystem(entry)
         missing = [n for n in targets if not fs.exists(f"{folder}/{n}")] or ["a file"]
         raise _bucket_damage(entry, Damage(f"{build_id}/{missing[0]}", "missing")) from None
     except OSError as e:
@@ -188,12 +185,3 @@ def _download(entry: storage.Path, build_id: str, targets: dict[str, Path]) -> N
             f"cannot copy the token cache {entry} to local disk ({storage.describe_error(e)}); check "
             "the bucket's read permission and that LMJAX_MIRROR is a local folder with room"
         ) from None
-
-
-def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _object_name(path: storage.Path) -> str:
-    """A bucket path as fsspec names it: without the scheme."""
-    return str(path).split("://", 1)[1]

@@ -78,7 +78,7 @@ def bucket_files(
     url = urllib.parse.urlsplit(pattern)
     try:
         root, listed = _list_objects(
-            bucket_filesystem(pattern), f"{url.netloc}{url.path}".rstrip("/"), suffixes
+            storage.filesystem(pattern), f"{url.netloc}{url.path}".rstrip("/"), suffixes
         )
     except FileNotFoundError:
         raise UserError(
@@ -109,12 +109,6 @@ def _url(scheme: str, name: str) -> storage.Path:
 
 def _object_stamp(info: dict) -> str:
     return f"{info['size']}|{info.get('generation') or info.get('updated')}"
-
-
-def bucket_filesystem(url: str) -> fsspec.AbstractFileSystem:
-    """The fsspec file system of a bucket URL, without a listings cache: a listing must see the
-    objects as they are now, not as an earlier listing in this process saw them."""
-    return fsspec.filesystem(urllib.parse.urlsplit(url).scheme, use_listings_cache=False)
 
 
 def _list_objects(
