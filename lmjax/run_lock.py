@@ -91,6 +91,7 @@ class BucketLock:
     def __init__(self, path: storage.Path):
         self.path = path
         self._generation: int | None = None
+        self._holder = _holder()  # who this process is, from when it took the lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,7 +101,7 @@ class BucketLock:
         blob = self._blob()
         for _ in range(3):  # a stale lock is deleted, then created anew: at most a couple of rounds
             try:
-                blob.upload_from_string(json.dumps(_holder()), if_generation_match=0)
+                blob.upload_from_string(json.dumps(self._holder), if_generation_match=0)
                 self._generation = blob.generation
                 break
             except exceptions.PreconditionFailed:
@@ -128,8 +129,9 @@ class BucketLock:
 
         blob = self._blob()
         while not self._stop.wait(HEARTBEAT_S):
+            self._holder["heartbeat"] = time.time()  # its start time stays what the message names
             try:
-                blob.upload_from_string(json.dumps(_holder()), if_generation_match=self._generation)
+                blob.upload_from_string(json.dumps(self._holder), if_generation_match=self._generation)
                 self._generation = blob.generation
             except exceptions.PreconditionFailed:
                 return  # taken over (this process looked gone for STALE_S): nothing of ours to keep

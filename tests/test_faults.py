@@ -276,3 +276,32 @@ def test_a_broken_experiment_is_one_line_naming_where(experiment, message, tmp_p
     assert main(["--experiment", name, "--workdir", str(tmp_path / "run")]) == 2
     line = last_line(capsys)
     assert line.startswith("lmjax: error: ") and message in line
+
+
+def _read_lock(lock_file: storage.Path) -> dict:
+    """The lock object's holder. The test server rewrites an object in place (GCS swaps it whole),
+    so a read during a heartbeat may see part of it: read again."""
+    for _ in range(50):
+        try:
+            return json.loads(lock_file.read_text())
+        except json.JSONDecodeError:
+            time.sleep(0.02)
+    raise AssertionError(f"{lock_file} never read back whole")
+
+
+def test_a_bucket_lock_refreshes_its_heartbeat_and_keeps_its_start_time(bucket, monkeypatch):
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.2)
+    lock_file = storage.path(f"{bucket}/run/{run_lock.NAME}")
+    held = run_lock.acquire(f"{bucket}/run")
+    try:
+        first = _read_lock(lock_file)
+        deadline = time.time() + 30
+        # beats until more than a second has passed: a start time is written to the second
+        while (now := _read_lock(lock_file))["heartbeat"] < first["heartbeat"] + 1.5:
+            assert time.time() < deadline, "the heartbeat never came"
+            time.sleep(0.1)
+        assert now["heartbeat"] > first["heartbeat"] and now["started"] == first["started"]
+        assert now["pid"] == os.getpid()
+    finally:
+        held.release()
+    assert not lock_file.exists()
