@@ -85,11 +85,10 @@ def _run_locked(exp: config.Experiment, workdir: storage.Path) -> dict[str, floa
     ckpts = checkpoint.Checkpoints(workdir, exp.checkpoint, log=_print)
     try:
         return _train(exp, workdir, ckpts)
-    except BaseException as e:
-        if not isinstance(
-            e, KeyboardInterrupt
-        ):  # a second Ctrl-C: out at once (an unfinished save is never taken)
-            _finish_saving(ckpts)  # else Orbax's threads report the open manager at exit
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once (an unfinished save is never taken)
+        raise
+    except BaseException:  # a save in flight finishes, and Orbax is closed (else it reports at exit)
+        _finish_saving(ckpts)
         raise
 
 
@@ -123,16 +122,7 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
     )
 
     with sharding.use(mesh, exp.mesh.rules), StopRequests() as stop:
-        train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         placement = sharding.BatchPlacement(mesh, t.batch_size)
-        source = loader.TrainBatches(
-            corpus.splits("train"), corpus.weights, m.seq_len, t.batch_size, t.seed, rows=placement.rows
-        )
-        if saved:
-            source.set_state(saved.data["loader"])
-        # The next batch goes to the devices while a step runs; its state is that of the batch
-        # the next step takes, which is what a checkpoint must hold.
-        train_batches = loader.DevicePrefetch(source, placement.put)
         held_out = evaluate.held_out(
             exp, corpus, graphdef, shardings["params"], placement, "validation", t.eval_batches
         )
@@ -145,6 +135,15 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
                 f"step {first}: held-out loss {scores['eval_loss']:.4f}, {scores['eval_bpb']:.4f} bits/byte"
             )
             return scores
+        train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
+        source = loader.TrainBatches(
+            corpus.splits("train"), corpus.weights, m.seq_len, t.batch_size, t.seed, rows=placement.rows
+        )
+        if saved:
+            source.set_state(saved.data["loader"])
+        # The next batch goes to the devices while a step runs; its state is that of the batch
+        # the next step takes, which is what a checkpoint must hold.
+        train_batches = loader.DevicePrefetch(source, placement.put)
         # `time` runs on from the last kept line of a resumed run (metrics.Logger.time_offset)
         start, throughput = time.time() - log.time_offset, Throughput()
         last: dict[str, float] = {}
