@@ -20,9 +20,11 @@ documents in the same order and the same split as in a local folder. Objects are
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
+import pathlib
 import sys
 from collections.abc import Iterator
 
@@ -35,11 +37,6 @@ Document = tuple[str, str]  # (split, text), split in ("train", "validation")
 
 
 _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
-
-
-def corpus_files(c: Source) -> tuple[CorpusPath, list[CorpusPath]]:
-    root, stamped = _stamped_files(c)
-    return root, [path for path, _ in stamped]
 
 
 def _stamped_files(c: Source) -> tuple[CorpusPath, list[tuple[CorpusPath, str]]]:
@@ -59,14 +56,51 @@ def describe(c: Source) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What one worker reads of a corpus, in corpus order: one input file (`path`, a local path
+    or a URL; `key` its name relative to the corpus root, which document keys start with;
+    `size` in bytes), or a whole TFDS dataset (path and key ""). `by_lines`: a text file of a
+    corpus with too few files for a fair hash split, which gives its last lines to validation."""
+
+    path: str
+    key: str
+    size: int
+    by_lines: bool = False
+
+
+def chunks(c: Source, validation_percent: float) -> list[Chunk]:
+    """The corpus `c` as chunks: documents(c) is their documents one chunk after another."""
+    if c.source == "tfds":
+        return [Chunk("", "", 0)]
+    root, stamped = _stamped_files(c)
+    keyed = [(str(p), _relative(p, root), int(file_stamp.split("|")[0])) for p, file_stamp in stamped]
+    by_lines = False
+    if c.source in ("stdlib", "files"):
+        splits = {split_of(key, validation_percent) for _, key, _ in keyed}
+        by_lines = len(keyed) < 100 / validation_percent or len(splits) == 1
+    return [Chunk(path, key, size, by_lines) for path, key, size in keyed]
+
+
 def documents(c: Source, validation_percent: float) -> Iterator[Document]:
     """The corpus `c` as (split, text) pairs, in a stable order; empty documents are skipped."""
+    return itertools.chain.from_iterable(
+        chunk_documents(c, chunk, validation_percent) for chunk in chunks(c, validation_percent)
+    )
+
+
+def chunk_documents(c: Source, chunk: Chunk, validation_percent: float) -> Iterator[Document]:
+    """The documents of one chunk of `c`, in order; empty documents are skipped."""
     if c.source == "tfds":
         stream = tfds_source.documents(c.name, c.path, c.field, validation_percent)
     else:
-        read = {"stdlib": _text_files, "files": _text_files, "jsonl": _jsonl, "parquet": _parquet}[c.source]
-        stream = read(c, validation_percent)
+        read = {"stdlib": _text_file, "files": _text_file, "jsonl": _jsonl, "parquet": _parquet}[c.source]
+        stream = read(c, chunk, validation_percent)
     return (doc for doc in stream if doc[1])
+
+
+def _open(chunk: Chunk) -> CorpusPath:
+    return storage.path(chunk.path) if storage.is_bucket(chunk.path) else pathlib.Path(chunk.path)
 
 
 def fingerprint(c: Source) -> str:
@@ -87,23 +121,14 @@ def _relative(path: CorpusPath, root: CorpusPath) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
-def _keyed_files(c: Source) -> Iterator[tuple[CorpusPath, str]]:
-    root, files = corpus_files(c)
-    return ((path, _relative(path, root)) for path in files)
-
-
-def _text_files(c: Source, percent: float) -> Iterator[Document]:
-    """One document per file. With too few files for a fair hash split (fewer than 100/percent,
-    or all in one split), each file gives its last `percent` of lines to validation instead."""
-    files = list(_keyed_files(c))
-    splits = [split_of(rel, percent) for _, rel in files]
-    by_lines = len(files) < 100 / percent or len(set(splits)) == 1
-    for (path, _), split in zip(files, splits, strict=True):
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if by_lines and "\n" in text.rstrip("\n"):  # a one-line file keeps its hash split
-            yield from _split_by_lines(text, percent)
-        else:
-            yield split, text
+def _text_file(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    """One document per file; with too few files for a fair hash split (`chunk.by_lines`), the
+    file gives its last `percent` of lines to validation instead."""
+    text = _open(chunk).read_bytes().decode("utf-8", errors="replace")
+    if chunk.by_lines and "\n" in text.rstrip("\n"):  # a one-line file keeps its hash split
+        yield from _split_by_lines(text, percent)
+    else:
+        yield split_of(chunk.key, percent), text
 
 
 def _split_by_lines(text: str, percent: float) -> Iterator[Document]:
@@ -126,45 +151,43 @@ def _as_text(value: object, where: str, field: str) -> str:
     return value
 
 
-def _jsonl(c: Source, percent: float) -> Iterator[Document]:
-    for path, rel in _keyed_files(c):
-        with path.open("rb") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line.decode("utf-8", errors="replace"))
-                except ValueError:
-                    raise UserError(f"{path}:{number} is not a JSON object; give JSON Lines files") from None
-                if not isinstance(record, dict) or c.field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else []
-                    raise UserError(
-                        f"{path}:{number} has no field {c.field!r}; set data.field to one of {keys}"
-                    )
-                yield (
-                    split_of(f"{rel}:{number}", percent),
-                    _as_text(record[c.field], f"{path}:{number}", c.field),
-                )
+def _jsonl(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    path, rel = _open(chunk), chunk.key
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8", errors="replace"))
+            except ValueError:
+                raise UserError(f"{path}:{number} is not a JSON object; give JSON Lines files") from None
+            if not isinstance(record, dict) or c.field not in record:
+                keys = sorted(record) if isinstance(record, dict) else []
+                raise UserError(f"{path}:{number} has no field {c.field!r}; set data.field to one of {keys}")
+            yield (
+                split_of(f"{rel}:{number}", percent),
+                _as_text(record[c.field], f"{path}:{number}", c.field),
+            )
 
 
-def _parquet(c: Source, percent: float) -> Iterator[Document]:
+def _parquet(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
     try:  # optional: lmjax[parquet]
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None
-    for path, rel in _keyed_files(c):
-        # pyarrow reads a local file by name, an object through a (seekable) file object
-        with path.open("rb") if storage.is_bucket(path) else contextlib.nullcontext(path) as source:
-            try:
-                table = pq.ParquetFile(source)
-            except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-                raise UserError(
-                    f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
-                ) from None
-            columns = table.schema_arrow.names
-            if c.field not in columns:
-                raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
-            rows = itertools.count()
-            for batch in table.iter_batches(columns=[c.field], batch_size=4096):
-                for value in batch.column(0).to_pylist():
-                    yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)
+    path, rel = _open(chunk), chunk.key
+    # pyarrow reads a local file by name, an object through a (seekable) file object
+    with path.open("rb") if storage.is_bucket(path) else contextlib.nullcontext(path) as source:
+        try:
+            table = pq.ParquetFile(source)
+        except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+            raise UserError(
+                f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
+            ) from None
+        columns = table.schema_arrow.names
+        if c.field not in columns:
+            raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
+        rows = itertools.count()
+        for batch in table.iter_batches(columns=[c.field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)
