@@ -15,14 +15,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from lmjax.config import Data, UserError
-from lmjax.data import shards, sources, tokenizer
+from lmjax.config import Data, Source, UserError
+from lmjax.data import encode, shards, sources, tokenizer
 from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record
-
-_ENCODE_BATCH_CHARS = 2 << 20
 
 
 def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) -> None:
@@ -72,20 +69,17 @@ def remove_abandoned_builds(folder: Path, pattern: str) -> None:
 def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bool) -> dict:
     """Tokenize every corpus of `cfg` into `folder`; returns the entry's meta.json content."""
     (folder / "tokenizer.model").write_bytes(tok.model_proto)
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+    dtype = encode.dtype_for(tok.vocab_size)
     parts, chars = [], 0
     with tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
         for i, c in enumerate(cfg.components()):
             (folder / f"c{i}").mkdir()
-            writers = {
-                s: shards.StreamWriter(folder / f"c{i}", s, dtype, tok.bos_id, tok.eos_id) for s in SPLITS
-            }
-            for split, texts, (ids, lengths) in _encoded(
-                tok, _batches(sources.documents(c, cfg.validation_percent))
-            ):
-                writers[split].add(ids, lengths, sum(len(t.encode()) for t in texts))
-                chars += sum(map(len, texts))
-                bar.update(sum(map(len, texts)))
+            writers = {s: shards.StreamWriter(folder / f"c{i}", s, dtype) for s in SPLITS}
+            for streams in _encoded_chunks(c, tok, cfg.validation_percent):
+                for s in SPLITS:
+                    writers[s].add(streams[s])
+                    chars += streams[s].chars
+                    bar.update(streams[s].chars)
             parts.append({s: w.close() for s, w in writers.items()})
             for s in SPLITS:
                 if parts[-1][s]["tokens"] == 0:
@@ -102,32 +96,17 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
     }
 
 
-def _batches(docs: Iterator[sources.Document]) -> Iterator[tuple[str, list[str]]]:
-    """Documents grouped by split into batches of about _ENCODE_BATCH_CHARS, order kept."""
-    batch: dict[str, list[str]] = {s: [] for s in SPLITS}
-    size = dict.fromkeys(SPLITS, 0)
-    for split, text in docs:
-        batch[split].append(text)
-        size[split] += len(text)
-        if size[split] >= _ENCODE_BATCH_CHARS:
-            yield split, batch[split]
-            batch[split], size[split] = [], 0
-    for split in SPLITS:
-        if batch[split]:
-            yield split, batch[split]
-
-
-def _encoded(
-    tok: tokenizer.Tokenizer, batches: Iterator[tuple[str, list[str]]]
-) -> Iterator[tuple[str, list[str], tuple[np.ndarray, np.ndarray]]]:
-    """Encode batch k (sentencepiece threads, GIL released) while batch k+1 is read and batch
-    k-1 is written."""
+def _encoded_chunks(
+    c: Source, tok: tokenizer.Tokenizer, validation_percent: float
+) -> Iterator[dict[str, encode.Stream]]:
+    """Each chunk of `c` encoded (encode.py), in order; chunk k+1 is read and encoded (on
+    sentencepiece's threads, GIL released) while chunk k is written."""
     with ThreadPoolExecutor(1) as pool:
         previous = None
-        for split, texts in batches:
-            future = pool.submit(tok.encode_batch, texts)
+        for chunk in sources.chunks(c, validation_percent):
+            future = pool.submit(encode.encode_chunk, c, chunk, tok, validation_percent)
             if previous:
-                yield previous[0], previous[1], previous[2].result()
-            previous = (split, texts, future)
+                yield previous.result()
+            previous = future
         if previous:
-            yield previous[0], previous[1], previous[2].result()
+            yield previous.result()

@@ -8,10 +8,14 @@ block is read alone.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordWriter
+
+if TYPE_CHECKING:  # encode.py imports the sources, which this module need not load
+    from lmjax.data.encode import Stream
 
 BLOCK_TOKENS = 8192
 SHARD_BLOCKS = 8192  # 64M tokens per shard file
@@ -73,30 +77,24 @@ def _one_line(e: BaseException) -> str:
 
 
 class StreamWriter:
-    """Appends documents, framed as <s> ids </s>, to a token stream written in fixed blocks;
-    `close` saves where each document starts and returns the split's summary."""
+    """Appends framed documents to a token stream written in fixed blocks; `close` saves where
+    each document starts and returns the split's summary."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, bos_id: int, eos_id: int):
+    def __init__(self, folder: Path, split: str, dtype: np.dtype):
         self._new_writer = lambda path: ArrayRecordWriter(str(path), "group_size:1")
-        self.folder, self.split, self.dtype, self.bos_id, self.eos_id = folder, split, dtype, bos_id, eos_id
+        self.folder, self.split, self.dtype = folder, split, dtype
         self.pending: list[np.ndarray] = []
         self.tokens = self.blocks = self.bytes = 0
         self.starts: list[np.ndarray] = []
         self.shards: list[str] = []
         self._writer = None
 
-    def add(self, ids: np.ndarray, lengths: np.ndarray, n_bytes: int) -> None:
-        """Documents' `ids` back to back, `lengths` ids each, holding `n_bytes` of text."""
-        framed = lengths + 2
-        starts = np.concatenate([[0], np.cumsum(framed)[:-1]]).astype(np.int64)
-        stream = np.empty(int(framed.sum()), self.dtype)
-        is_text = np.ones(len(stream), bool)
-        is_text[starts] = is_text[starts + framed - 1] = False
-        stream[starts], stream[starts + framed - 1], stream[is_text] = self.bos_id, self.eos_id, ids
-        self.pending.append(stream)
-        self.starts.append(self.tokens + starts)
-        self.tokens += len(stream)
-        self.bytes += n_bytes
+    def add(self, stream: Stream) -> None:
+        """Documents framed as <s> ids </s> (encode.py), after those added before."""
+        self.pending.append(stream.tokens)
+        self.starts.append(self.tokens + stream.starts)
+        self.tokens += len(stream.tokens)
+        self.bytes += stream.bytes
         if sum(map(len, self.pending)) >= BLOCK_TOKENS:
             self._write(final=False)
 
