@@ -134,6 +134,9 @@ class Data:
     # documents whose key hash falls below this go to validation
     validation_percent: Annotated[float, Between(0, 50, closed_left=False, closed_right=False)] = 2.0
     cache_dir: str = ""  # "": $LMJAX_CACHE or ~/.cache/lmjax
+    # A run of several processes that finds no token cache tokenizes at most this much input
+    # itself (process 0, the others waiting); a larger corpus must be prepared first (exit 2).
+    max_build_mb: NonNegativeInt = 1000
 
     def components(self) -> tuple[Source, ...]:
         if self.source == "mixture":

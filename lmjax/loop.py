@@ -95,6 +95,7 @@ def _run_locked(exp: config.Experiment, workdir: storage.Path) -> dict[str, floa
 def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Checkpoints) -> dict[str, float]:
     exp = resume.with_absolute_paths(exp)
     exp = resume.check_workdir(exp, workdir, ckpts)  # before any tokenizing
+    _require_prepared(exp)
     # Process 0 builds the token cache first: on a shared file system the others then read it.
     corpus = distributed.main_first(lambda: cache.load_or_build(exp.data, log=_print), "token cache")
     distributed.require_same(
@@ -247,6 +248,25 @@ def _write_run_files(workdir: storage.Path, exp: config.Experiment, corpus: cach
         return
     storage.write_atomic(workdir / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
     corpus.tokenizer.save(workdir / "tokenizer.model")
+
+
+def _require_prepared(exp: config.Experiment) -> None:
+    """In a run of several processes, a missing token cache of more than data.max_build_mb of
+    input is a UserError on every process: tokenizing it on process 0 would keep every other
+    host waiting (hours for a large corpus), so it is prepared first, on Apache Beam."""
+    if jax.process_count() == 1:
+        return
+    missing = 0 if cache.is_built(exp.data) else cache.input_bytes(exp.data)
+    most = max(int(v) for v in distributed.agree("token cache input to build", str(missing)))
+    if most > exp.data.max_build_mb * 1e6:
+        raise config.UserError(
+            f"the token cache of this corpus ({most / 1e9:.1f} GB of input) is missing, and a run of "
+            f"{jax.process_count()} processes tokenizes at most data.max_build_mb={exp.data.max_build_mb} "
+            f"MB itself; prepare it first on Apache Beam: python -m lmjax.data prepare --experiment "
+            f"{exp.name} (with this run's --set flags) --runner DirectRunner --direct_num_workers=N "
+            "--direct_running_mode=multi_processing (or Dataflow: docs/data-at-scale.md), into a "
+            "data.cache_dir every host reads"
+        )
 
 
 def _final_evaluation_logged(workdir: storage.Path, steps: int) -> bool:

@@ -43,6 +43,7 @@ RESUME_MAY_CHANGE = (
     "model.max_segments",
     "model.z_loss",  # the objective only, like optim.*: announced
     "data.cache_dir",
+    "data.max_build_mb",
 )
 
 

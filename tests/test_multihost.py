@@ -366,3 +366,18 @@ def test_a_half_set_environment_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LMJAX_NUM_PROCESSES")
     assert main(tiny_train_argv(tmp_path, "train.heartbeat_timeout_s=0")) == 2
     assert "train.heartbeat_timeout_s=0 must be positive" in capsys.readouterr().err
+
+
+def test_a_missing_cache_above_the_limit_stops_every_process_at_once(tmp_path):
+    """No process tokenizes a corpus above data.max_build_mb while the others wait: all exit 2
+    naming the prepare command, before any tokenizing (the cache folder stays empty)."""
+    workdir, empty_cache = tmp_path / "run", tmp_path / "cache"
+    sets = (f"data.cache_dir={empty_cache}", "data.max_build_mb=0")
+    children = two_processes(train_cmd(workdir, *sets), workdir)
+    codes = [c.wait(timeout=120) for c in children]
+    errs = [workdir.with_name(f"run.p{i}.log").read_text() for i in range(2)]
+    assert codes == [2, 2], errs
+    for err in errs:
+        assert "the token cache of this corpus" in err and "data.max_build_mb=0" in err, err
+        assert "python -m lmjax.data prepare --experiment stdlib_tiny" in err
+    assert not empty_cache.exists() or not any(empty_cache.iterdir())

@@ -57,6 +57,8 @@ __all__ = [
     "cache_key",
     "cache_root",
     "entry_path",
+    "input_bytes",
+    "is_built",
     "load_or_build",
     "mirror_path",
     "publish",
@@ -86,6 +88,17 @@ def cache_key(cfg: Data) -> str:
 
 def entry_path(cfg: Data) -> CachePath:
     return cache_root(cfg) / cache_key(cfg)
+
+
+def is_built(cfg: Data) -> bool:
+    """Whether the entry of `cfg` is in place (its meta.json is written last, locally and on a
+    bucket); not whether its files are whole, which opening it checks."""
+    return (entry_path(cfg) / "meta.json").exists()
+
+
+def input_bytes(cfg: Data) -> int:
+    """The size of the input files of every corpus of `cfg`, from their listing (0 for TFDS)."""
+    return sum(chunk.size for c in cfg.components() for chunk in sources.chunks(c, cfg.validation_percent))
 
 
 def load_or_build(cfg: Data, log: Callable[[str], None] = print, progress: bool | None = None) -> Corpus:
