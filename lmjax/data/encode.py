@@ -68,26 +68,78 @@ def encode_chunk(
     c: Source, chunk: sources.Chunk, tok: tokenizer.Tokenizer, validation_percent: float
 ) -> dict[str, Stream]:
     """Each split's documents of `chunk`, encoded and framed, in the chunk's order."""
+    return encode_chunks(c, [chunk], tok, validation_percent)[0]
+
+
+def encode_chunks(
+    c: Source, chunks: list[sources.Chunk], tok: tokenizer.Tokenizer, validation_percent: float
+) -> list[dict[str, Stream]]:
+    """`encode_chunk` of each of `chunks`, their documents encoded together: many small files
+    make a few large sentencepiece batches instead of many small ones."""
     dtype = dtype_for(tok.vocab_size)
-    parts: dict[str, list[Stream]] = {s: [] for s in SPLITS}
-    for split, texts in _batches(sources.chunk_documents(c, chunk, validation_percent)):
-        stream = frame(*tok.encode_batch(texts), tok.bos_id, tok.eos_id, dtype)
-        stream.chars = sum(map(len, texts))
-        stream.bytes = sum(len(t.encode()) for t in texts)
-        parts[split].append(stream)
-    return {s: Stream.joined(parts[s], dtype) for s in SPLITS}
+    encoded = {s: _Encoded() for s in SPLITS}
+    documents = (
+        (k, split, text)
+        for k, chunk in enumerate(chunks)
+        for split, text in sources.chunk_documents(c, chunk, validation_percent)
+    )
+    for split, owners, texts in _batches(documents):
+        encoded[split].add(owners, texts, *tok.encode_batch(texts))
+    for split in SPLITS:
+        encoded[split].join()
+    return [{s: encoded[s].stream(k, tok, dtype) for s in SPLITS} for k in range(len(chunks))]
 
 
-def _batches(docs: Iterator[sources.Document]) -> Iterator[tuple[str, list[str]]]:
-    """Documents grouped by split into batches of about ENCODE_BATCH_CHARS, order kept."""
+class _Encoded:
+    """One split's encoded documents of several chunks, in order: which chunk each is from
+    (`owners`, ascending), their ids back to back and each one's number of ids, and the
+    characters and UTF-8 bytes of each chunk's documents (summed per batch)."""
+
+    def __init__(self):
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.sums: list[tuple[int, np.ndarray, np.ndarray]] = []  # (first owner, chars, bytes)
+
+    def add(self, owners: list[int], texts: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
+        owned = np.asarray(owners, np.int32)
+        chars = np.fromiter(map(len, texts), np.int64, len(texts))
+        utf8 = np.fromiter((len(t.encode()) for t in texts), np.int64, len(texts))
+        by_owner = owned - owned[0]
+        self.sums.append((owners[0], np.bincount(by_owner, chars), np.bincount(by_owner, utf8)))
+        self.parts.append((owned, ids, lengths))
+
+    def join(self) -> None:
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64))
+        joined = (np.concatenate(p) for p in zip(*self.parts or [empty], strict=True))
+        self.owners, self.ids, self.lengths = joined
+        self.ids_before = np.concatenate([[0], np.cumsum(self.lengths)])
+
+    def stream(self, owner: int, tok: tokenizer.Tokenizer, dtype: np.dtype) -> Stream:
+        """The documents of chunk `owner`, framed."""
+        first, end = np.searchsorted(self.owners, [owner, owner + 1])
+        if first == end:
+            return Stream.empty(dtype)
+        ids = self.ids[self.ids_before[first] : self.ids_before[end]]
+        stream = frame(ids, self.lengths[first:end], tok.bos_id, tok.eos_id, dtype)
+        for start, chars, utf8 in self.sums:
+            if start <= owner < start + len(chars):
+                stream.chars += round(chars[owner - start])
+                stream.bytes += round(utf8[owner - start])
+        return stream
+
+
+def _batches(documents: Iterator[tuple[int, str, str]]) -> Iterator[tuple[str, list[int], list[str]]]:
+    """(owner, split, text) documents grouped by split into batches of about
+    ENCODE_BATCH_CHARS, order kept: (split, owners, texts)."""
+    owners: dict[str, list[int]] = {s: [] for s in SPLITS}
     batch: dict[str, list[str]] = {s: [] for s in SPLITS}
     size = dict.fromkeys(SPLITS, 0)
-    for split, text in docs:
+    for owner, split, text in documents:
+        owners[split].append(owner)
         batch[split].append(text)
         size[split] += len(text)
         if size[split] >= ENCODE_BATCH_CHARS:
-            yield split, batch[split]
-            batch[split], size[split] = [], 0
+            yield split, owners[split], batch[split]
+            owners[split], batch[split], size[split] = [], [], 0
     for split in SPLITS:
         if batch[split]:
-            yield split, batch[split]
+            yield split, owners[split], batch[split]
