@@ -4,6 +4,10 @@ Holds the entry's layout (`SPLITS`, `entry_files`, the `FORMAT` that the cache k
 `Damage`, parsing meta.json with every key that reading an entry needs, and per file the record
 meta.json keeps (size, and a sha256 of all of it or, for a shard, of its first and last
 `ENDS_BYTES`) and what is wrong with a file that a record describes.
+
+`summarize` adds what start-up would otherwise work out from every document start, once when the
+entry is built: per split the most documents a training window holds at each window length of
+`SUMMARY_SEQ_LENS` (`most_documents`), and the corpus `identity`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 FORMAT = 2
 ENDS_BYTES = 64 << 10  # ArrayRecord's block: a shard's header, and its postscript at the end
 SPLITS = ("train", "validation")
+SUMMARY_SEQ_LENS = tuple(2**k for k in range(4, 21))  # the window lengths `most_documents` covers
 
 
 class Damage(Exception):
@@ -40,6 +45,10 @@ def parse_meta(text: str, n_parts: int) -> dict:
             for s in SPLITS:
                 if not isinstance(part[s]["tokens"], int) or not _are_names(part[s]["shards"]):
                     raise ValueError(f"no token count or shard names for {s}")
+                if not _are_counts(part[s].get("most_documents", {})):
+                    raise ValueError(f"the most documents a window of {s} holds are not numbers")
+        if not isinstance(meta.get("identity", ""), str) or not isinstance(meta.get("shard_blocks", 1), int):
+            raise ValueError("the identity is not text or the blocks a shard holds not a number")
         if not all(isinstance(record["size"], int) for record in meta.get("files", {}).values()):
             raise ValueError("a file's size is not a number")
         upload = meta.get("upload", {"build": "", "files": {}})
@@ -53,6 +62,10 @@ def parse_meta(text: str, n_parts: int) -> dict:
 
 def _are_names(value: object) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
+def _are_counts(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, int) for v in value.values())
 
 
 def describe(e: BaseException) -> str:
@@ -118,3 +131,45 @@ def _ends_sha256(path: Path, ends_bytes: int) -> str:
         f.seek(max(ends_bytes, path.stat().st_size - ends_bytes))
         h.update(f.read())
     return h.hexdigest()
+
+
+def summarize(meta: dict, model_proto: bytes, starts: list[dict[str, np.ndarray]]) -> None:
+    """Add to `meta` (in place) what start-up needs from the document starts: per corpus and
+    split its `most_documents` for each window length of SUMMARY_SEQ_LENS, and the corpus
+    `identity`. `starts[i][split]`: where each document of corpus i's split starts."""
+    splits = []
+    for part, part_starts in zip(meta["parts"], starts, strict=True):
+        for s in SPLITS:
+            part[s]["most_documents"] = {
+                str(T): most_documents(part_starts[s], part[s]["tokens"], T) for T in SUMMARY_SEQ_LENS
+            }
+        splits.append({s: (part[s]["tokens"], part_starts[s]) for s in SPLITS})
+    meta["identity"] = corpus_identity(model_proto, splits)
+
+
+def most_documents(starts: np.ndarray, n_tokens: int, seq_len: int) -> int:
+    """The most documents any training window of a split holds (loader.max_segments of the split
+    alone): of its (n_tokens - 1) // seq_len windows [w*seq_len, (w+1)*seq_len), the document
+    covering a window's first token plus each starting strictly inside it. The starts off a
+    window's first token are grouped by window; as `starts` are sorted, each window's are one run,
+    so this takes O(documents) memory, however many windows there are."""
+    starts = np.asarray(starts)
+    n_windows = (n_tokens - 1) // seq_len
+    window = starts[(starts % seq_len != 0) & (starts < n_windows * seq_len)] // seq_len
+    if not len(window):
+        return 1
+    run_edges = np.concatenate([[0], np.flatnonzero(window[1:] != window[:-1]) + 1, [len(window)]])
+    return int(np.diff(run_edges).max()) + 1
+
+
+def corpus_identity(model_proto: bytes, splits: list[dict[str, tuple[int, np.ndarray]]]) -> str:
+    """What training on a corpus depends on: the tokenizer and, per corpus and split (`splits[i]
+    [split]`: its token count and document starts), the token count and every document's start.
+    Checkpoints keep it, so a resumed run compares it bit for bit: never change it."""
+    h = hashlib.sha256(model_proto)
+    for part in splits:
+        for name in SPLITS:
+            n_tokens, starts = part[name]
+            h.update(f"{name}:{n_tokens}:".encode())
+            h.update(np.ascontiguousarray(starts, np.int64).tobytes())
+    return h.hexdigest()[:20]

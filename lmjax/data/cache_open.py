@@ -1,28 +1,39 @@
 """What a cache entry is read as: `Split` and `Corpus`, and `open_corpus`, which opens a local
 folder of an entry's files as a Corpus; a file that does not parse, or is not what meta.json
-says, is Damage (cache_meta.py)."""
+says, is Damage (cache_meta.py).
+
+Opening an entry with file records reads the tokenizer and maps each split's starts, no more:
+shards are opened when first read, and the identity and the most documents a window holds come
+from meta.json when it records them (cache_meta.summarize)."""
 
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from lmjax import storage
 from lmjax.config import Data, UserError
 from lmjax.data import shards, tokenizer
-from lmjax.data.cache_meta import SPLITS, Damage, describe
+from lmjax.data.cache_meta import SPLITS, Damage, corpus_identity, describe
 
 CachePath = Path | storage.Path  # a local folder, or a folder on a bucket
 
 
 class Split:
-    """One split of one corpus: documents back to back, and the offset where each starts."""
+    """One split of one corpus: documents back to back, and the offset where each starts;
+    `most_documents`: the most documents a window holds, by window length (as text), where
+    meta.json records it."""
 
-    def __init__(self, tokens: np.ndarray | shards.Blocks, starts: np.ndarray):
-        self.tokens, self.starts = tokens, starts
+    def __init__(
+        self,
+        tokens: np.ndarray | shards.Blocks,
+        starts: np.ndarray,
+        most_documents: dict[str, int] | None = None,
+    ):
+        self.tokens, self.starts, self.most_documents = tokens, starts, most_documents or {}
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -54,22 +65,24 @@ class Corpus:
     def identity(self) -> str:
         """What training on this corpus depends on: the tokenizer, and per corpus and split the
         token count and every document's start. Unlike the cache key, it does not change when
-        the files move to another folder or machine. Worked out once (the starts of a large
-        corpus are many), then read at every checkpoint."""
-        h = hashlib.sha256(self.tokenizer.model_proto)
-        for part in self.parts:
-            for name in SPLITS:
-                h.update(f"{name}:{len(part[name])}:".encode())
-                h.update(np.ascontiguousarray(part[name].starts, np.int64).tobytes())
-        return h.hexdigest()[:20]
+        the files move to another folder or machine. Recorded in meta.json when the entry was
+        built; worked out from the starts (once: a large corpus has many) for older entries."""
+        if "identity" in self.meta:
+            return self.meta["identity"]
+        splits = [{s: (len(part[s]), part[s].starts) for s in SPLITS} for part in self.parts]
+        return corpus_identity(self.tokenizer.model_proto, splits)
 
 
 def open_corpus(cfg: Data, folder: Path, meta: dict, entry: CachePath) -> Corpus:
-    """The corpus of the entry `entry` whose files are in the local folder `folder`; a file that
-    does not parse, or holds another number of tokens or documents than meta.json says, is Damage."""
-    dtype, block_tokens = np.dtype(meta["dtype"]), meta["block_tokens"]
+    """The corpus of the entry `entry` whose files are in the local folder `folder`, already
+    checked against meta.json's records (cache_meta.file_problem); a file that does not parse, or
+    holds another number of tokens or documents than meta.json says, is Damage. Shards are opened
+    when first read, as their records vouch for their ends (header, index); where meta.json has no
+    checksums (entries written before them), every shard is opened now to check it parses."""
+    shape = _ShardShape(np.dtype(meta["dtype"]), meta["block_tokens"], meta.get("shard_blocks"))
+    check_now = "files" not in meta
     parts = [
-        {s: _open_split(folder, f"c{i}", s, part[s], dtype, block_tokens) for s in SPLITS}
+        {s: _open_split(folder, f"c{i}", s, part[s], shape, check_now) for s in SPLITS}
         for i, part in enumerate(meta["parts"])
     ]
     try:
@@ -81,13 +94,23 @@ def open_corpus(cfg: Data, folder: Path, meta: dict, entry: CachePath) -> Corpus
     return Corpus(tok, parts, [c.weight for c in cfg.components()], entry, meta)
 
 
+class _ShardShape(NamedTuple):
+    """How an entry's shards hold tokens: their dtype, tokens a block, blocks a shard (None:
+    shards.SHARD_BLOCKS, for entries that do not record it)."""
+
+    dtype: np.dtype
+    block_tokens: int
+    shard_blocks: int | None
+
+
 def _open_split(
-    folder: Path, part: str, split: str, summary: dict, dtype: np.dtype, block_tokens: int
+    folder: Path, part: str, split: str, summary: dict, shape: _ShardShape, check_now: bool
 ) -> Split:
+    paths = [folder / part / f for f in summary["shards"]]
     try:
-        tokens = shards.Blocks(
-            [folder / part / f for f in summary["shards"]], summary["tokens"], dtype, block_tokens
-        )
+        tokens = shards.Blocks(paths, summary["tokens"], shape.dtype, shape.block_tokens, shape.shard_blocks)
+        if check_now:
+            tokens.check()
     except shards.Unreadable as e:
         raise Damage(f"{part}/{e.path.name}", e.problem) from None
     name = f"{part}/{split}-starts.npy"
@@ -104,4 +127,4 @@ def _open_split(
         raise Damage(
             name, f"{starts.dtype}{list(starts.shape)}, expected int64[{expected}] below {summary['tokens']}"
         )
-    return Split(tokens, starts)
+    return Split(tokens, starts, summary.get("most_documents"))

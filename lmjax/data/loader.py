@@ -50,7 +50,12 @@ def num_windows(split: Split, seq_len: int) -> int:
 
 
 def max_segments(splits: Sequence[Split], seq_len: int) -> int:
-    """The most documents any window of these splits holds (sizes the cuDNN packed kernel)."""
+    """The most documents any window of these splits holds (sizes the cuDNN packed kernel): what
+    the cache recorded for `seq_len` when every split has it (cache_meta.summarize, the same
+    count), else counted over every window."""
+    recorded = [split.most_documents.get(str(seq_len)) for split in splits]
+    if None not in recorded:
+        return max([1, *recorded])
     most = 1
     for split in splits:
         window_starts = np.arange(num_windows(split, seq_len)) * seq_len

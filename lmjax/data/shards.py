@@ -7,12 +7,13 @@ block is read alone.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 if TYPE_CHECKING:  # encode.py imports the sources, which this module need not load
     from lmjax.data.encode import Stream
@@ -30,46 +31,87 @@ class Unreadable(Exception):
         self.path, self.problem = path, problem
 
 
-class Blocks:
-    """A split's tokens in records of `block_tokens` each (the last one short); reads like an
-    array through `take`. Opening reads each shard's postscript and index, which Riegeli
-    checksums: a shard damaged there, or missing, is Unreadable at once. Damage elsewhere shows
-    when the records there are read, as Riegeli checksums each chunk too."""
+@dataclasses.dataclass(frozen=True)
+class _ShardRecords:
+    """All the records of one shard, counted from the split's token count: an array_record
+    FileInstruction, with which ArrayRecordDataSource need not open the file to count them."""
 
-    def __init__(self, paths: list[Path], n_tokens: int, dtype: np.dtype, block_tokens: int = BLOCK_TOKENS):
-        try:
-            self._source = ArrayRecordDataSource([str(p) for p in paths])
-        except RuntimeError as e:  # one of the files: name it
-            raise _first_unreadable(paths, e) from None
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
+class Blocks:
+    """A split's tokens in records of `block_tokens` each (the last one short), `shard_blocks`
+    records a shard but the last (None: SHARD_BLOCKS); reads like an array through `take`.
+
+    Opening touches no file: how many blocks each shard holds follows from the token count, and
+    ArrayRecordDataSource opens a shard (its postscript and index) when a block of it is first
+    read. A read that fails names its shard (Unreadable: missing, not parsing, or holding another
+    number of blocks); `check` opens every shard at once. Riegeli checksums the postscript, the
+    index and every chunk, so damage shows when the records there are read."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        n_tokens: int,
+        dtype: np.dtype,
+        block_tokens: int = BLOCK_TOKENS,
+        shard_blocks: int | None = None,
+    ):
         self._n, self.dtype, self.block_tokens = n_tokens, dtype, block_tokens
-        if len(self._source) != -(-n_tokens // block_tokens):
+        self._shard_blocks = shard_blocks or SHARD_BLOCKS
+        n_blocks = -(-n_tokens // block_tokens)
+        n_shards = -(-n_blocks // self._shard_blocks)
+        if len(paths) != n_shards:
             raise Unreadable(
                 paths[-1],
-                f"the {len(paths)} shards hold {len(self._source)} blocks, "
-                f"expected {-(-n_tokens // block_tokens)} for {n_tokens} tokens",
+                f"the {len(paths)} shards of {self._shard_blocks} blocks are not the {n_shards} "
+                f"that hold the {n_blocks} blocks of {n_tokens} tokens",
             )
+        last = n_blocks - self._shard_blocks * (n_shards - 1)
+        self._shards = list(zip(paths, [self._shard_blocks] * (n_shards - 1) + [last], strict=True))
+        self._source = ArrayRecordDataSource([_ShardRecords(str(p), 0, n, n) for p, n in self._shards])
 
     def __len__(self) -> int:
         return self._n
 
+    def check(self) -> None:
+        """Open every shard now: Unreadable for the first that is missing, does not parse, or
+        holds another number of blocks than the token count gives it."""
+        if unreadable := _first_unreadable(self._shards):
+            raise unreadable
+
     def take(self, idx: np.ndarray) -> np.ndarray:
-        """tokens[idx] for an index array of any shape, reading each needed block once."""
+        """tokens[idx] for an index array of any shape, reading each needed block once (the
+        data source reads each shard's blocks in one call, shards in parallel)."""
         block_ids, where = np.unique(idx // self.block_tokens, return_inverse=True)
+        try:
+            records = self._source.__getitems__(block_ids.tolist())
+        except RuntimeError as e:  # array_record does not say which shard: find it
+            read = [self._shards[s] for s in np.unique(block_ids // self._shard_blocks)]
+            raise _first_unreadable(read) or Unreadable(read[0][0], _one_line(e)) from None
         blocks = np.zeros((len(block_ids), self.block_tokens), self.dtype)
-        for k, record in enumerate(self._source.__getitems__(block_ids.tolist())):
+        for k, record in enumerate(records):
             block = np.frombuffer(record, self.dtype)
             blocks[k, : len(block)] = block
         return blocks[where.reshape(idx.shape), idx % self.block_tokens]
 
 
-def _first_unreadable(paths: list[Path], error: RuntimeError) -> Unreadable:
-    """The first of `paths` that does not open (the first path, with `error`, if all do now)."""
-    for path in paths:
+def _first_unreadable(shards: list[tuple[Path, int]]) -> Unreadable | None:
+    """The first of `shards` (path, blocks it should hold) that is missing, does not parse or
+    holds another number of blocks, opened one by one."""
+    for path, n_blocks in shards:
         try:
-            ArrayRecordDataSource([str(path)])
+            reader = ArrayRecordReader(str(path))
+            held = reader.num_records()
+            reader.close()  # raises what opening found: a missing file, or one that does not parse
         except RuntimeError as e:
             return Unreadable(path, _one_line(e))
-    return Unreadable(paths[0], _one_line(error))
+        if held != n_blocks:
+            return Unreadable(path, f"holds {held} blocks, expected {n_blocks}")
+    return None
 
 
 def _one_line(e: BaseException) -> str:
