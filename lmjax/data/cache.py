@@ -8,16 +8,16 @@ folder, locked while its build runs, and renamed into place when complete, so an
 build is never read; the next build removes any temporary folder whose lock is free.
 
 meta.json records, under "files", each file's size and a sha256: of all of it for the
-tokenizer and the starts (which Corpus.identity reads whole anyway), of only the first and
+tokenizer and the starts (eight bytes a document: small next to the shards), of only the first and
 last 64 KiB for a shard (`sha256_ends`, `ends_bytes`: its header, and the postscript and index
 that opening it reads; Riegeli checksums every chunk, so damage in between fails the read of
 those blocks). Loading checks every size and checksum, which costs reading the small files
-and 128 KiB per shard, never the terabytes, and opens every file: one missing, of another
-size or checksum, one that does not parse or holds another number of tokens or documents, or a
-meta.json that is not JSON or lacks a key, is damage. A damaged local entry is deleted (renamed
-away, then removed, under a lock of the cache folder, so only one process deletes it) and
-rebuilt. Entries written before these records check only that every file exists and parses;
-their key is unchanged, so they are reused.
+and 128 KiB per shard, never the terabytes; a shard is opened only when first read. A file
+missing, of another size or checksum, one that does not parse or holds another number of tokens
+or documents, or a meta.json that is not JSON or lacks a key, is damage. A damaged local entry
+is deleted (renamed away, then removed, under a lock of the cache folder, so only one process
+deletes it) and rebuilt. Entries written before these records check only that every file exists
+and parses (every shard opened at once); their key is unchanged, so they are reused.
 
 On a bucket (`data.cache_dir=gs://...` or LMJAX_CACHE), which has no rename or lock, an entry is
 built locally, uploaded under a build id, made whole by one conditional create of its meta.json,
@@ -44,7 +44,7 @@ from pathlib import Path
 from lmjax import storage
 from lmjax.config import Data, UserError
 from lmjax.data import sources, tokenizer
-from lmjax.data.cache_bucket import bucket_corpus, mirror_path, publish
+from lmjax.data.cache_bucket import bucket_corpus, mirror_path, publish, read_bucket_meta
 from lmjax.data.cache_build import build
 from lmjax.data.cache_meta import FORMAT, SPLITS, Damage, describe, file_problem, parse_meta, records
 from lmjax.data.cache_open import CachePath, Corpus, Split, open_corpus
@@ -57,6 +57,7 @@ __all__ = [
     "cache_key",
     "cache_root",
     "entry_path",
+    "exists_whole",
     "input_bytes",
     "is_built",
     "load_or_build",
@@ -94,6 +95,22 @@ def is_built(cfg: Data) -> bool:
     """Whether the entry of `cfg` is in place (its meta.json is written last, locally and on a
     bucket); not whether its files are whole, which opening it checks."""
     return (entry_path(cfg) / "meta.json").exists()
+
+
+def exists_whole(cfg: Data, log: Callable[[str], None] = print) -> bool:
+    """Whether the entry of `cfg` exists whole, checked as `load_or_build` checks it: a damaged
+    local entry is deleted (False), a damaged or unreadable bucket entry is a UserError."""
+    entry = entry_path(cfg)
+    if storage.is_bucket(entry):
+        return read_bucket_meta(cfg, entry) is not None
+    try:
+        _checked_open(cfg, entry)
+        return True
+    except FileNotFoundError:
+        return False
+    except Damage:
+        _remove_if_damaged(cfg, entry, log)
+        return entry.exists()
 
 
 def input_bytes(cfg: Data) -> int:

@@ -41,11 +41,11 @@ def bucket_corpus(cfg: Data, entry: storage.Path, log: Callable[[str], None], pr
     """The corpus of an entry on a bucket, built and uploaded first when it has no meta.json yet,
     read through the local mirror. A mirror's file that does not parse is copied once more; a
     file that is damaged on the bucket too is a UserError, as other hosts and runs may read it."""
-    meta = _read_bucket_meta(cfg, entry)
+    meta = read_bucket_meta(cfg, entry)
     if meta is None:
         log(f"tokenizing {cfg.source} corpus into {entry}")
         _build_on_bucket(cfg, entry, log, progress)
-        meta = _read_bucket_meta(cfg, entry)
+        meta = read_bucket_meta(cfg, entry)
         assert meta is not None, f"{entry}/meta.json vanished after it was created"
     copied_again: set[str] = set()
     while True:
@@ -60,7 +60,7 @@ def bucket_corpus(cfg: Data, entry: storage.Path, log: Callable[[str], None], pr
             copied_again.add(damage.name)
 
 
-def _read_bucket_meta(cfg: Data, entry: storage.Path) -> dict | None:
+def read_bucket_meta(cfg: Data, entry: storage.Path) -> dict | None:
     try:
         text = (entry / "meta.json").read_text()
     except FileNotFoundError:
@@ -121,11 +121,18 @@ def publish(local: Path, entry: storage.Path, build_id: str) -> bool:
     folder = storage.object_name(entry / build_id)
     fs.put([str(local / n) for n in names], [f"{folder}/{n}" for n in names])
     meta = json.loads((local / "meta.json").read_text())
-    meta["upload"] = {"build": build_id, "files": {n: (local / n).stat().st_size for n in names}}
+    return create_meta(entry, build_id, meta, {n: (local / n).stat().st_size for n in names})
+
+
+def create_meta(entry: storage.Path, build_id: str, meta: dict, sizes: dict[str, int]) -> bool:
+    """Create `entry/meta.json`: `meta` naming the upload `entry/<build_id>/` and its files'
+    `sizes`, only if no build did first. False when another build won: this upload is deleted."""
+    fs = storage.filesystem(entry)
+    meta["upload"] = {"build": build_id, "files": sizes}
     if storage.create_once(entry / "meta.json", (json.dumps(meta, indent=1) + "\n").encode()):
         _remove_unnamed_uploads(fs, entry, build_id)
         return True
-    fs.rm(folder, recursive=True)
+    fs.rm(storage.object_name(entry / build_id), recursive=True)
     return False
 
 

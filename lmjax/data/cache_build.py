@@ -5,6 +5,7 @@ place when complete; a build removes any temporary folder whose lock is free."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
@@ -12,14 +13,18 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from lmjax.config import Data, Source, UserError
 from lmjax.data import encode, shards, sources, tokenizer
-from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record
+from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize
+
+_GROUPS_ENCODING = 2  # groups of chunks encoded at once (see _encoded_chunks)
+_GROUP_BYTES = 1 << 20  # input files encoded together up to this size
 
 
 def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) -> None:
@@ -29,7 +34,30 @@ def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) ->
         if cfg.tokenizer_path
         else tokenizer.train(tokenizer.sample(cfg), cfg)
     )
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{time.time_ns()}.tmp")
+
+    def write(tmp: Path) -> None:
+        meta = _write_parts(cfg, tok, tmp, progress)
+        meta["shard_blocks"] = shards.SHARD_BLOCKS  # readers count each shard's blocks from it
+        starts = [
+            {s: np.load(tmp / f"c{i}/{s}-starts.npy") for s in SPLITS} for i in range(len(meta["parts"]))
+        ]
+        summarize(meta, tok.model_proto, starts)  # what start-up would work out from every start
+        meta["files"] = {n: file_record(tmp / n) for n in entry_files(meta)}
+        meta["build"]["seconds"] = round(time.time() - start, 2)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    if in_temporary_folder(entry, str(os.getpid()), write, log):
+        log_done(json.loads((entry / "meta.json").read_text()), log)
+
+
+def in_temporary_folder(
+    entry: Path, tag: str, write: Callable[[Path], None], log: Callable[[str], None]
+) -> bool:
+    """Run `write` into a new temporary folder beside `entry`, locked while it runs, then rename
+    it onto `entry`: False (and the folder deleted) when another process placed it first, whose
+    entry is as good. The folder is deleted when `write` fails; abandoned folders of killed
+    builds are deleted first."""
+    tmp = entry.with_name(f".{entry.name}.{tag}.{time.time_ns()}.tmp")
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -40,17 +68,18 @@ def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) ->
         fcntl.flock(lock, fcntl.LOCK_EX)  # held while this build runs: see remove_abandoned_builds
         remove_abandoned_builds(entry.parent, f".{entry.name}.*.tmp")
         try:
-            meta = _write_parts(cfg, tok, tmp, progress)
-            meta["files"] = {n: file_record(tmp / n) for n in entry_files(meta)}
-            meta["build"]["seconds"] = round(time.time() - start, 2)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+            write(tmp)
             tmp.rename(entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(sys.exc_info()[1], OSError) and (entry / "meta.json").exists():
-                log(f"another process built {entry} first; using it")  # theirs is as good
-                return
+                log(f"another process built {entry} first; using it")
+                return False
             raise
+    return True
+
+
+def log_done(meta: dict, log: Callable[[str], None]) -> None:
     log(f"tokenized {meta['build']['chars'] / 1e6:.1f}M characters in {meta['build']['seconds']:.1f}s")
 
 
@@ -99,14 +128,28 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
 def _encoded_chunks(
     c: Source, tok: tokenizer.Tokenizer, validation_percent: float
 ) -> Iterator[dict[str, encode.Stream]]:
-    """Each chunk of `c` encoded (encode.py), in order; chunk k+1 is read and encoded (on
-    sentencepiece's threads, GIL released) while chunk k is written."""
-    with ThreadPoolExecutor(1) as pool:
-        previous = None
-        for chunk in sources.chunks(c, validation_percent):
-            future = pool.submit(encode.encode_chunk, c, chunk, tok, validation_percent)
-            if previous:
-                yield previous.result()
-            previous = future
-        if previous:
-            yield previous.result()
+    """Each chunk of `c` encoded (encode.py), in order. Small chunks are encoded in groups
+    (fewer, larger sentencepiece batches); `_GROUPS_ENCODING` groups are read and encoded at
+    once while the one before them is written, so one's Python work (reading, cutting text)
+    runs while another's sentencepiece encoding runs, GIL released."""
+    with ThreadPoolExecutor(_GROUPS_ENCODING) as pool:
+        encoding: collections.deque[Future] = collections.deque()
+        for group in _groups(sources.chunks(c, validation_percent)):
+            if len(encoding) == _GROUPS_ENCODING:
+                yield from encoding.popleft().result()
+            encoding.append(pool.submit(encode.encode_chunks, c, group, tok, validation_percent))
+        while encoding:
+            yield from encoding.popleft().result()
+
+
+def _groups(chunks: list[sources.Chunk]) -> Iterator[list[sources.Chunk]]:
+    """Consecutive chunks in groups of about `_GROUP_BYTES` (a larger chunk alone)."""
+    group, size = [], 0
+    for chunk in chunks:
+        if group and size + chunk.size > _GROUP_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(chunk)
+        size += chunk.size
+    if group:
+        yield group
