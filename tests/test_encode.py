@@ -1,6 +1,8 @@
 """Encoding: the segment-by-segment batch encoder and chunks encoded together give the same ids
 and streams as encoding each text and each chunk alone."""
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -141,31 +143,49 @@ def test_chunks_encoded_together_equal_each_chunk_alone(tmp_path, stdlib_corpus)
     assert stream.chars == len(text) and stream.bytes == len(text.encode())
 
 
-def test_a_build_of_many_small_files_equals_one_file_at_a_time(tmp_path, stdlib_corpus, monkeypatch):
+def test_builds_on_threads_on_processes_and_one_file_at_a_time_are_the_same(
+    tmp_path, stdlib_corpus, monkeypatch
+):
+    """This process runs JAX, so its builds encode on threads; `python -m lmjax.data prepare`
+    does not, so it encodes on forked processes (more than one group of files here)."""
     from lmjax.data import cache, cache_build
 
-    docs = [t for _, t in sources.documents(Source("stdlib"), 2.0)][:40]
+    docs = [t for _, t in sources.documents(Source("stdlib"), 2.0)][:120]
+    assert sum(map(len, docs)) > 2 * cache_build._GROUP_BYTES
     (tmp_path / "corpus").mkdir()
     for i, doc in enumerate(docs):
-        (tmp_path / "corpus" / f"f{i:02d}.txt").write_text(doc)
+        (tmp_path / "corpus" / f"f{i:03d}.txt").write_text(doc)
     stdlib_corpus.tokenizer.save(tmp_path / "t.model")
+    sets = {
+        "data.source": "files",
+        "data.path": str(tmp_path / "corpus"),
+        "data.tokenizer_path": str(tmp_path / "t.model"),
+        "data.validation_percent": "10.0",
+    }
 
-    def build(name: str) -> dict[str, bytes]:
-        cfg = config.Data(
-            source="files",
-            path=str(tmp_path / "corpus"),
-            tokenizer_path=str(tmp_path / "t.model"),
-            validation_percent=10.0,
-            cache_dir=str(tmp_path / name),
-        )
-        entry = Path(cache.load_or_build(cfg, lambda m: None, False).entry)
+    def files_of(entry: Path) -> dict[str, bytes]:
         return {str(p.relative_to(entry)): p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()}
 
-    grouped = build("grouped")
+    def build(name: str) -> dict[str, bytes]:
+        cfg = config.apply_overrides(
+            config.load_experiment("stdlib_tiny"),
+            [f"{k}={v}" for k, v in sets.items()] + [f"data.cache_dir={tmp_path / name}"],
+        ).data
+        return files_of(Path(cache.load_or_build(cfg, lambda m: None, False).entry))
+
+    threads = build("threads")
+    argv = [sys.executable, "-m", "lmjax.data", "prepare", "--experiment", "stdlib_tiny"]
+    argv += [
+        a
+        for k, v in {**sets, "data.cache_dir": str(tmp_path / "processes")}.items()
+        for a in ("--set", f"{k}={v}")
+    ]
+    subprocess.run(argv, check=True, capture_output=True)
+    (entry,) = (tmp_path / "processes").iterdir()
+    processes = files_of(entry)
     monkeypatch.setattr(cache_build, "_GROUP_BYTES", 0)  # every file its own group
-    monkeypatch.setattr(cache_build, "_GROUPS_ENCODING", 1)
     alone = build("alone")
-    assert grouped.keys() == alone.keys()
-    for name in grouped:
+    assert threads.keys() == processes.keys() == alone.keys()
+    for name in threads:
         if name != "meta.json":
-            assert grouped[name] == alone[name], name
+            assert threads[name] == processes[name] == alone[name], name

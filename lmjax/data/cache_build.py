@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,6 @@ from lmjax.config import Data, Source, UserError
 from lmjax.data import encode, shards, sources, tokenizer
 from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize
 
-_GROUPS_ENCODING = 2  # groups of chunks encoded at once (see _encoded_chunks)
 _GROUP_BYTES = 1 << 20  # input files encoded together up to this size
 
 
@@ -65,8 +66,10 @@ def in_temporary_folder(
             f"cannot write the token cache in {tmp.parent} ({e.strerror}); set data.cache_dir"
         ) from None
     with (tmp / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this build runs: see remove_abandoned_builds
-        remove_abandoned_builds(entry.parent, f".{entry.name}.*.tmp")
+        # held while this build runs (see remove_abandoned_builds); a POSIX lock belongs to this
+        # process alone, so the encoding processes it forks do not hold it on after it is killed
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        remove_abandoned_builds(entry.parent, f".{entry.name}.*.tmp", keep=tmp)
         try:
             write(tmp)
             tmp.rename(entry)
@@ -83,13 +86,15 @@ def log_done(meta: dict, log: Callable[[str], None]) -> None:
     log(f"tokenized {meta['build']['chars'] / 1e6:.1f}M characters in {meta['build']['seconds']:.1f}s")
 
 
-def remove_abandoned_builds(folder: Path, pattern: str) -> None:
+def remove_abandoned_builds(folder: Path, pattern: str, keep: Path | None = None) -> None:
     """Delete the temporary build folders `pattern` in `folder` that no running process holds
-    locked (a killed build's lock is released by the kernel)."""
+    locked (a killed build's lock is released by the kernel), but `keep`, this process's own."""
     for tmp in folder.glob(pattern):
         try:
-            with (tmp / ".lock").open() as lock:  # none yet: a build that is just starting
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if tmp == keep:  # this process's own lock would not stop it
+                continue
+            with (tmp / ".lock").open("r+") as lock:  # none yet: a build that is just starting
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:  # locked: a build in progress (or already gone)
             continue
@@ -129,17 +134,47 @@ def _encoded_chunks(
     c: Source, tok: tokenizer.Tokenizer, validation_percent: float
 ) -> Iterator[dict[str, encode.Stream]]:
     """Each chunk of `c` encoded (encode.py), in order. Small chunks are encoded in groups
-    (fewer, larger sentencepiece batches); `_GROUPS_ENCODING` groups are read and encoded at
-    once while the one before them is written, so one's Python work (reading, cutting text)
-    runs while another's sentencepiece encoding runs, GIL released."""
-    with ThreadPoolExecutor(_GROUPS_ENCODING) as pool:
+    (fewer, larger sentencepiece batches), a few groups ahead of the one being written: on
+    a pool of processes, one a core (reading, cutting text and framing are Python, which
+    threads would run on one core at a time), or where JAX runs in this process (a forked
+    child of its threads may deadlock, and spawning would import the user's __main__ again)
+    on two threads, one's Python work running while the other's sentencepiece call does."""
+    groups = list(_groups(sources.chunks(c, validation_percent)))
+    workers = min(os.cpu_count() or 1, len(groups))
+    if "jax" in sys.modules or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        pool: Executor = ThreadPoolExecutor(2)
+        encode_group = functools.partial(_encode_group_with, tok)
+    else:
+        context = multiprocessing.get_context("fork")
+        pool = ProcessPoolExecutor(workers, context, initializer=_load_tokenizer, initargs=(tok.model_proto,))
+        encode_group = _encode_group
+    with pool:
         encoding: collections.deque[Future] = collections.deque()
-        for group in _groups(sources.chunks(c, validation_percent)):
-            if len(encoding) == _GROUPS_ENCODING:
+        for group in groups:
+            if len(encoding) == 2 * workers:
                 yield from encoding.popleft().result()
-            encoding.append(pool.submit(encode.encode_chunks, c, group, tok, validation_percent))
+            encoding.append(pool.submit(encode_group, c, group, validation_percent))
         while encoding:
             yield from encoding.popleft().result()
+
+
+_worker_tokenizer: tokenizer.Tokenizer | None = None  # in a pool's process: the build's tokenizer
+
+
+def _load_tokenizer(model_proto: bytes) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer.Tokenizer(model_proto)
+
+
+def _encode_group(c: Source, group: list[sources.Chunk], validation_percent: float) -> list[dict]:
+    assert _worker_tokenizer is not None, "the pool's initializer loads the tokenizer"
+    return encode.encode_chunks(c, group, _worker_tokenizer, validation_percent)
+
+
+def _encode_group_with(
+    tok: tokenizer.Tokenizer, c: Source, group: list[sources.Chunk], validation_percent: float
+) -> list[dict]:
+    return encode.encode_chunks(c, group, tok, validation_percent)
 
 
 def _groups(chunks: list[sources.Chunk]) -> Iterator[list[sources.Chunk]]:
