@@ -60,7 +60,8 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
     finally:
         if lock is not None:
             lock.release()
-        if new_folder and [p.name for p in workdir.iterdir()] == [run_lock.NAME]:
+        # process 0's alone: another process's removal would pull the folder from under it
+        if new_folder and distributed.is_main() and [p.name for p in workdir.iterdir()] == [run_lock.NAME]:
             (workdir / run_lock.NAME).unlink()  # a run that stopped before writing anything leaves
             workdir.rmdir()  # no folder behind (a bad data.path, say)
 
