@@ -1,9 +1,9 @@
 """A host's start-up on the token cache as the corpus grows: what each host does before training.
 
-    python benchmarks/data_startup.py [--scales 1 4 16] [--vocab-size 512] [--shard-blocks N]
+    python benchmarks/data_startup.py [--scales 1 4 16] [--files 64] [--vocab-size 512] [--shard-blocks N]
 
-Builds, with one small tokenizer, a cache entry of the stdlib corpus copied `scale` times (the
-stdlib `.py` files linked under `copy<k>/` folders, read as data.source=files), then measures
+Builds, with one small tokenizer, a cache entry of the stdlib documents repeated `scale` times
+in `--files` JSON Lines files (as many files at every scale), then measures
 start-up on each in a fresh process: seconds, and peak RSS above the RSS after imports, of
 opening the entry (cache.load_or_build, with its checks of every file), Corpus.identity,
 loader.max_segments at --seq-len, building TrainBatches and EvalBatches and reading the first
@@ -29,21 +29,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from measure import package_versions
+from versions import package_versions
 
 from lmjax import config
-from lmjax.data import cache, loader, shards, tokenizer
+from lmjax.data import cache, loader, shards, sources, tokenizer
 from lmjax.data.cache_meta import SPLITS, corpus_identity
-from lmjax.data.files import stdlib_files
 
 RESULTS = Path(__file__).parent / "results"
-STAGES = ("open", "identity", "max_segments", "train_batches", "train_first_batch")
-STAGES += ("eval_batches", "eval_first_batch", "identity_from_starts", "max_segments_over_windows")
+STARTUP = ("open", "identity", "max_segments", "train_batches", "train_first_batch")
+STARTUP += ("eval_batches", "eval_first_batch")  # what a training host does, in order
+STAGES = STARTUP + ("identity_from_starts", "max_segments_over_windows")  # and without the summaries
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="copies of the stdlib")
+    parser.add_argument("--files", type=int, default=64, help="JSON Lines files at every scale")
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -70,8 +71,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     scales = {}
     for scale in sorted(set(args.scales)):
         data = config.Data(
-            source="files",
-            path=str(linked_copies(work / f"x{scale}", scale)),
+            source="jsonl",
+            path=str(repeated_corpus(work / f"x{scale}", scale, args.files)),
             tokenizer_path=str(work / "tokenizer.model"),
             cache_dir=str(work / "cache"),
         )
@@ -85,6 +86,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             "build_s": build_s,
             "startup": in_fresh_process(data, args),
         }
+        scales[scale]["startup_s"] = sum(scales[scale]["startup"][stage]["seconds"] for stage in STARTUP)
     small, large = scales[min(scales)]["startup"], scales[max(scales)]["startup"]
     return {
         "benchmark": "data_startup",
@@ -102,8 +104,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             "seq_len": args.seq_len,
             "batch_size": args.batch_size,
             "shard_blocks": args.shard_blocks,
+            "input_files": args.files,
         },
         "scales": {str(k): v for k, v in scales.items()},
+        f"startup_ratio_{max(scales)}x_to_{min(scales)}x": scales[max(scales)]["startup_s"]
+        / scales[min(scales)]["startup_s"],
         f"ratio_{max(scales)}x_to_{min(scales)}x": {
             stage: {
                 what: large[stage][what] / small[stage][what] if small[stage][what] else None
@@ -114,15 +119,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     }
 
 
-def linked_copies(folder: Path, scale: int) -> Path:
-    """`folder` holding `scale` copies of the stdlib `.py` files (symbolic links), each under
-    its own `copy<k>/`, so every copy's documents have their own keys."""
-    root, files = stdlib_files()
-    for k in range(scale):
-        for f in files:
-            link = folder / f"copy{k}" / f.relative_to(root)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(f)
+def repeated_corpus(folder: Path, scale: int, files: int) -> Path:
+    """`folder` holding the stdlib documents `scale` times over, spread over `files` JSON Lines
+    files: the corpus grows in documents and tokens while the input files stay as many (what
+    grows with their number, the listing that the cache key reads, is not what is measured)."""
+    docs = [text for _, text in sources.documents(config.Source("stdlib"), 2.0)]
+    folder.mkdir(parents=True)
+    outs = [(folder / f"part-{k:03d}.jsonl").open("w") for k in range(files)]
+    for i, text in enumerate(docs * scale):
+        outs[i % files].write(json.dumps({"text": text}) + "\n")
+    for out in outs:
+        out.close()
     return folder
 
 

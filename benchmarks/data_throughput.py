@@ -5,10 +5,11 @@
 Measures, on the experiment's data settings (default: the GPT-2 124M experiment's 32768-piece
 tokenizer over the stdlib corpus):
 - tokenizer training time on the bounded sample;
-- sentencepiece encoding alone (lmjax's line-by-line batch encoding), 1 thread and all threads
-  (MB of UTF-8 per second);
-- a whole cache build (read, encode, write ArrayRecord shards), from the stdlib files and from
-  the same documents as a Parquet file, with the tokenizer given (MB/s);
+- batch encoding alone (`Tokenizer.encode_batch`, each distinct segment encoded once, from a
+  fresh tokenizer each time), 1 sentencepiece thread and all threads (MB of UTF-8 per second);
+- a whole in-process cache build (read, split, encode, write ArrayRecord shards) from the stdlib
+  files, and from the same documents as one Parquet file and as one JSONL file, with the
+  tokenizer given (MB/s);
 - the training loader (shuffle, pack, batch, prefetch thread) in tokens/s for several
   (seq_len, batch) shapes, and for a two-corpus mixture.
 Writes `benchmarks/results/data_throughput-<machine>.json`.
@@ -27,11 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from measure import package_versions
+from versions import package_versions
 
 from lmjax import config
 from lmjax.config import Source
-from lmjax.data import cache, loader, sources, tokenizer
+from lmjax.data import cache, sources, tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 LOADER_SHAPES = ((1024, 32), (2048, 16), (256, 128))
@@ -47,6 +48,10 @@ def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:
 def loader_tokens_per_s(
     splits: list, weights: list[float], seq_len: int, batch: int, seconds: float = 3.0
 ) -> float:
+    # grain imports JAX, which makes a cache build encode on threads instead of forked processes
+    # (cache_build.py): imported only once the builds, timed as `lmjax.data prepare` runs them, are done
+    from lmjax.data import loader
+
     batches = loader.TrainBatches(splits, weights, seq_len, batch, seed=0)
     next(batches)  # start the prefetch thread
     tokens, start = 0, time.perf_counter()
@@ -81,15 +86,21 @@ def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
     tok.save(work / "tokenizer.model")
     encode = {}
     for threads in (1, os.cpu_count()):
-        seconds = min(timed(tok.encode_batch, docs, threads)[1] for _ in range(REPEATS))
+        # a fresh tokenizer each time: one that encoded the corpus before knows all its segments
+        seconds = min(
+            timed(tokenizer.Tokenizer(tok.model_proto).encode_batch, docs, threads)[1] for _ in range(REPEATS)
+        )
         encode[f"{threads}_threads_mb_per_s"] = mb / seconds
 
     pq.write_table(pa.table({"text": docs}), work / "stdlib.parquet")
+    with (work / "stdlib.jsonl").open("w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     given = {"tokenizer_path": str(work / "tokenizer.model"), "cache_dir": f"{work}/c0"}
     builds = {}
     for name, source in (
         ("stdlib_files", Source("stdlib")),
         ("parquet", Source("parquet", str(work / "stdlib.parquet"))),
+        ("jsonl", Source("jsonl", str(work / "stdlib.jsonl"))),
     ):
         seconds = float("inf")
         for k in range(REPEATS):  # each into a fresh cache folder: a real build every time
@@ -106,11 +117,11 @@ def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
     parquet = cache.load_or_build(
         config.Data(source="parquet", path=str(work / "stdlib.parquet"), **given), lambda m: None, False
     )
-    loader = {
+    loading = {
         f"seq{t}_batch{b}": loader_tokens_per_s(corpus.splits("train"), [1.0], t, b) for t, b in LOADER_SHAPES
     }
     two = corpus.splits("train") + parquet.splits("train")
-    loader["mixture_seq1024_batch32"] = loader_tokens_per_s(two, [0.7, 0.3], 1024, 32)
+    loading["mixture_seq1024_batch32"] = loader_tokens_per_s(two, [0.7, 0.3], 1024, 32)
 
     return {
         "benchmark": "data_throughput",
@@ -132,7 +143,7 @@ def measure(args: argparse.Namespace, data: config.Data, work: Path) -> dict:
         "tokenizer_sample_mb": sum(len(s.encode()) for s in sample) / 1e6,
         "encode": encode,
         "cache_build": builds,
-        "loader_tokens_per_s": loader,
+        "loader_tokens_per_s": loading,
     }
 
 

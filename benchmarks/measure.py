@@ -9,11 +9,11 @@ import os
 import platform
 import time
 from collections.abc import Iterable
-from importlib import metadata
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from versions import package_versions
 
 from lmjax import config
 
@@ -78,18 +78,6 @@ def xla_flops(compiled: jax.stages.Compiled) -> float | None:
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if isinstance(cost, dict) and "flops" in cost else None
-
-
-def package_versions(packages: Iterable[str]) -> dict[str, str | None]:
-    """Each package's installed version, None where it is not installed."""
-
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {p: version(p) for p in packages}
 
 
 def record_header(
