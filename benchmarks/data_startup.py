@@ -29,10 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stdlib_jsonl import repeated_corpus
 from versions import package_versions
 
 from lmjax import config
-from lmjax.data import cache, loader, shards, sources, tokenizer
+from lmjax.data import cache, loader, shards, tokenizer
 from lmjax.data.cache_meta import SPLITS, corpus_identity
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,20 +118,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             for stage in STAGES
         },
     }
-
-
-def repeated_corpus(folder: Path, scale: int, files: int) -> Path:
-    """`folder` holding the stdlib documents `scale` times over, spread over `files` JSON Lines
-    files: the corpus grows in documents and tokens while the input files stay as many (what
-    grows with their number, the listing that the cache key reads, is not what is measured)."""
-    docs = [text for _, text in sources.documents(config.Source("stdlib"), 2.0)]
-    folder.mkdir(parents=True)
-    outs = [(folder / f"part-{k:03d}.jsonl").open("w") for k in range(files)]
-    for i, text in enumerate(docs * scale):
-        outs[i % files].write(json.dumps({"text": text}) + "\n")
-    for out in outs:
-        out.close()
-    return folder
 
 
 def in_fresh_process(data: config.Data, args: argparse.Namespace) -> dict:

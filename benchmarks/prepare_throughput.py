@@ -25,25 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from stdlib_jsonl import corpus_mb, repeated_corpus
 from versions import package_versions
 
 from lmjax import config
-from lmjax.config import Source
-from lmjax.data import cache, sources, tokenizer
+from lmjax.data import cache, tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def write_corpus(folder: Path, copies: int, files: int) -> float:
-    """The stdlib documents `copies` times over `files` JSONL files; returns their MB of text."""
-    docs = [text for _, text in sources.documents(Source("stdlib"), 2.0)]
-    folder.mkdir(parents=True)
-    outs = [(folder / f"part-{k:03d}.jsonl").open("w") for k in range(files)]
-    for i, text in enumerate(docs * copies):
-        outs[i % files].write(json.dumps({"text": text}) + "\n")
-    for out in outs:
-        out.close()
-    return sum(len(d.encode()) for d in docs) * copies / 1e6
 
 
 def file_hashes(entry: Path) -> dict[str, str]:
@@ -71,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lmjax-prepare-bench-") as tmp:
         work = Path(tmp)
-        mb = write_corpus(work / "corpus", args.copies, args.files)
+        repeated_corpus(work / "corpus", args.copies, args.files)
+        mb = corpus_mb(args.copies)
         exp = config.load_experiment("gpt2_124m")
         data = config.Data(source="jsonl", path=str(work / "corpus"), vocab_size=exp.data.vocab_size)
         tokenizer.train(tokenizer.sample(data), data).save(work / "tokenizer.model")

@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 from lmjax import config
 from lmjax.config import Source
-from lmjax.data import encode, sources, tokenizer
+from lmjax.data import encode, segments, sources, tokenizer
 
 TRICKY = [
     "",
@@ -65,17 +65,17 @@ def test_long_texts_are_encoded_in_parts_with_the_same_ids(stdlib_corpus):
     tok = tokenizer.Tokenizer(stdlib_corpus.tokenizer.model_proto)  # nothing known yet
     docs = [t for _, t in sources.documents(Source("stdlib"), 2.0)][40:120]
     long_text = "".join(docs)
-    assert len(long_text) > 2 * tokenizer._PART_CHARS
+    assert len(long_text) > 2 * segments.PART_CHARS
     _assert_encodes_each_text(tok, [long_text, *TRICKY, long_text[::-1]])
 
 
 def test_known_segments_start_afresh_past_the_limit(stdlib_corpus, monkeypatch):
-    monkeypatch.setattr(tokenizer, "SEGMENT_CACHE_SIZE", 50)
+    monkeypatch.setattr(segments, "CACHE_SIZE", 50)
     tok = tokenizer.Tokenizer(stdlib_corpus.tokenizer.model_proto)
     docs = [t for _, t in sources.documents(Source("stdlib"), 2.0)][:6]
     for doc in docs:
         _assert_encodes_each_text(tok, [doc])
-        assert len(tok._known_segments.index) < 50 + len(set(tokenizer._SEGMENT.findall(doc)))
+        assert len(tok._known_segments.index) < 50 + len(set(segments.SEGMENT.findall(doc)))
 
 
 def test_threads_sharing_a_tokenizer_get_their_own_texts_ids(stdlib_corpus):
