@@ -30,15 +30,10 @@ _GROUP_BYTES = 1 << 20  # input files encoded together up to this size
 
 def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) -> None:
     start = time.time()
-    tok = (
-        tokenizer.Tokenizer.load(cfg.tokenizer_path)
-        if cfg.tokenizer_path
-        else tokenizer.train(tokenizer.sample(cfg), cfg)
-    )
+    tok = make_tokenizer(cfg)
 
     def write(tmp: Path) -> None:
         meta = _write_parts(cfg, tok, tmp, progress)
-        meta["shard_blocks"] = shards.SHARD_BLOCKS  # readers count each shard's blocks from it
         starts = [
             {s: np.load(tmp / f"c{i}/{s}-starts.npy") for s in SPLITS} for i in range(len(meta["parts"]))
         ]
@@ -49,6 +44,33 @@ def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) ->
 
     if in_temporary_folder(entry, str(os.getpid()), write, log):
         log_done(json.loads((entry / "meta.json").read_text()), log)
+
+
+def make_tokenizer(cfg: Data) -> tokenizer.Tokenizer:
+    """The entry's tokenizer: `data.tokenizer_path`'s, or one trained on the corpus's sample."""
+    if cfg.tokenizer_path:
+        return tokenizer.Tokenizer.load(cfg.tokenizer_path)
+    return tokenizer.train(tokenizer.sample(cfg), cfg)
+
+
+def new_meta(dtype: np.dtype, block_tokens: int, shard_blocks: int, parts: list[dict], chars: int) -> dict:
+    """An entry's meta.json before its summary and file records: the token dtype, the shards'
+    geometry (readers count each shard's blocks from it), each corpus's splits, the text read."""
+    return {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "block_tokens": block_tokens,
+        "shard_blocks": shard_blocks,
+        "parts": parts,
+        "build": {"chars": chars},
+    }
+
+
+def empty_split_error(c: Source, split: str) -> UserError:
+    return UserError(
+        f"{sources.describe(c)} has no {split} text; give more documents"
+        + (" or raise data.validation_percent" if split == "validation" else "")
+    )
 
 
 def in_temporary_folder(
@@ -117,17 +139,8 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
             parts.append({s: w.close() for s, w in writers.items()})
             for s in SPLITS:
                 if parts[-1][s]["tokens"] == 0:
-                    raise UserError(
-                        f"{sources.describe(c)} has no {s} text; give more documents"
-                        + (" or raise data.validation_percent" if s == "validation" else "")
-                    )
-    return {
-        "format": FORMAT,
-        "dtype": dtype.name,
-        "block_tokens": shards.BLOCK_TOKENS,
-        "parts": parts,
-        "build": {"chars": chars},
-    }
+                    raise empty_split_error(c, s)
+    return new_meta(dtype, shards.BLOCK_TOKENS, shards.SHARD_BLOCKS, parts, chars)
 
 
 def _encoded_chunks(

@@ -45,14 +45,13 @@ import numpy as np
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from lmjax import storage
 from lmjax.config import Data, Source, UserError
 from lmjax.data import cache, encode, shards, sources, tokenizer
 from lmjax.data.cache_bucket import create_meta
-from lmjax.data.cache_build import in_temporary_folder, log_done
-from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize
+from lmjax.data.cache_build import empty_split_error, in_temporary_folder, log_done, make_tokenizer, new_meta
+from lmjax.data.cache_meta import SPLITS, entry_files, file_record, summarize
 
 METRICS_NAMESPACE = "lmjax"
 INPUT_BYTES = "input_bytes"  # of all workers; of one worker process: "input_bytes@<host>:<pid>"
@@ -95,7 +94,7 @@ class Geometry:
 
     def shard_names(self, split: str, tokens: int) -> list[str]:
         blocks = -(-tokens // self.block_tokens)
-        return [f"{split}-{k:05d}.array_record" for k in range(-(-blocks // self.shard_blocks))]
+        return [shards.shard_name(split, k) for k in range(-(-blocks // self.shard_blocks))]
 
 
 def pipeline_options(flags: list[str]) -> PipelineOptions:
@@ -280,13 +279,7 @@ def _add_stages(
 
 
 def _tokenizer_model(_: int, cfg: Data) -> bytes:
-    """The tokenizer's model bytes, exactly as cache_build.build makes them."""
-    tok = (
-        tokenizer.Tokenizer.load(cfg.tokenizer_path)
-        if cfg.tokenizer_path
-        else tokenizer.train(tokenizer.sample(cfg), cfg)
-    )
-    return tok.model_proto
+    return make_tokenizer(cfg).model_proto
 
 
 class EncodeChunk(beam.DoFn):
@@ -366,12 +359,9 @@ class WriteShard(beam.DoFn):
     ) -> Iterator[tuple[str, dict]]:
         (i, split, shard), pieces = item
         tokens = np.concatenate([p for _, p in sorted(pieces, key=lambda piece: piece[0])])
-        name = f"c{i}/{split}-{shard:05d}.array_record"
+        name = f"c{i}/{shards.shard_name(split, shard)}"
         with _local_file(self.out, name) as path:
-            writer = ArrayRecordWriter(str(path), "group_size:1")  # StreamWriter's options
-            for b in range(0, len(tokens), self.geometry.block_tokens):
-                writer.write(tokens[b : b + self.geometry.block_tokens].tobytes())
-            writer.close()
+            shards.write_shard(path, tokens, self.geometry.block_tokens)
             record = file_record(path)
         yield name, record  # once the file is in place
 
@@ -429,19 +419,12 @@ class WriteMeta(beam.DoFn):
             for split in SPLITS:
                 total = layout.totals.get((i, split), {"tokens": 0, "documents": 0, "bytes": 0})
                 if total["tokens"] == 0:
-                    raise UserError(
-                        f"{sources.describe(c)} has no {split} text; give more documents"
-                        + (" or raise data.validation_percent" if split == "validation" else "")
-                    )
+                    raise empty_split_error(c, split)
                 parts[-1][split] = {**total, "shards": self.geometry.shard_names(split, total["tokens"])}
-        meta = {
-            "format": FORMAT,
-            "dtype": encode.dtype_for(tokenizer.Tokenizer(model).vocab_size).name,
-            "block_tokens": self.geometry.block_tokens,
-            "parts": parts,
-            "build": {"chars": layout.chars, "runner": self.runner},
-        }
-        meta["shard_blocks"] = self.geometry.shard_blocks
+        dtype = encode.dtype_for(tokenizer.Tokenizer(model).vocab_size)
+        g = self.geometry
+        meta = new_meta(dtype, g.block_tokens, g.shard_blocks, parts, layout.chars)
+        meta["build"]["runner"] = self.runner
         summarize(meta, model, [{s: self._starts(i, s) for s in SPLITS} for i in range(len(parts))])
         written = dict(records)
         meta["files"] = {n: written[n] for n in entry_files(meta)}

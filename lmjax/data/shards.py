@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # encode.py imports the sources, which this module need not l
 
 BLOCK_TOKENS = 8192
 SHARD_BLOCKS = 8192  # 64M tokens per shard file
+WRITER_OPTIONS = "group_size:1"  # a record per chunk: each block is read alone
 
 
 class Unreadable(Exception):
@@ -123,7 +124,7 @@ class StreamWriter:
     each document starts and returns the split's summary."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype):
-        self._new_writer = lambda path: ArrayRecordWriter(str(path), "group_size:1")
+        self._new_writer = lambda path: ArrayRecordWriter(str(path), WRITER_OPTIONS)
         self.folder, self.split, self.dtype = folder, split, dtype
         self.pending: list[np.ndarray] = []
         self.tokens = self.blocks = self.bytes = 0
@@ -155,8 +156,21 @@ class StreamWriter:
             if self.blocks % SHARD_BLOCKS == 0:
                 if self._writer is not None:
                     self._writer.close()
-                self.shards.append(f"{self.split}-{len(self.shards):05d}.array_record")
+                self.shards.append(shard_name(self.split, len(self.shards)))
                 self._writer = self._new_writer(self.folder / self.shards[-1])
             self._writer.write(stream[start : start + BLOCK_TOKENS].tobytes())
             self.blocks += 1
         self.pending = [stream[whole:]]
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:05d}.array_record"
+
+
+def write_shard(path: Path, tokens: np.ndarray, block_tokens: int = BLOCK_TOKENS) -> None:
+    """A whole shard at once: `tokens` in records of `block_tokens` (the last one short), the
+    bytes StreamWriter writes for the same tokens."""
+    writer = ArrayRecordWriter(str(path), WRITER_OPTIONS)
+    for start in range(0, len(tokens), block_tokens):
+        writer.write(tokens[start : start + block_tokens].tobytes())
+    writer.close()
