@@ -36,7 +36,9 @@ RematName = Literal["qkv", "attn_out", "mlp_in"]
 # The attention kernels lmjax.attention.dispatch implements; auto picks one for the device.
 Attention = Literal["auto", "xla", "cudnn", "cudnn_packed", "pallas", "splash", "reference"]
 Mlp = Literal["auto", "gelu", "relu2", "swiglu"]
-SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "tfds"]
+# chat: conversations (JSONL or Parquet rows of {"messages": [...]}); stdlib_chat: questions
+# about the standard library's documented functions, answered from their docstrings
+SourceKind = Literal["stdlib", "files", "jsonl", "parquet", "tfds", "chat", "stdlib_chat"]
 Tokenizer = Literal["bpe", "unigram"]
 OptimName = Literal["adamw", "muon"]
 Schedule = Literal["cosine", "wsd"]
@@ -114,18 +116,20 @@ class Source:
     """One corpus. `data.source=mixture` trains on several, drawn by `weight`."""
 
     source: SourceKind = "stdlib"
-    path: str = ""  # files/jsonl/parquet: a file, folder or glob | tfds: data dir or prepared dir
+    path: str = ""  # files/jsonl/parquet/chat: a file, folder or glob | tfds: data dir or prepared dir
     name: str = ""  # tfds: the dataset name, e.g. lmjax_stdlib
-    field: str = "text"  # jsonl: the field | parquet: the column | tfds: the feature
+    # jsonl: the field | parquet: the column | tfds: the feature | chat: the messages ("text": "messages")
+    field: str = "text"
     weight: PositiveFloat = 1.0  # share of training windows in a mixture
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
     source: Literal[SourceKind, "mixture"] = "stdlib"  # stdlib: this Python's standard library source
-    path: str = ""  # files/jsonl/parquet: a file, folder or glob | tfds: data dir or prepared dir
+    path: str = ""  # files/jsonl/parquet/chat: a file, folder or glob | tfds: data dir or prepared dir
     name: str = ""  # tfds: the dataset name
-    field: str = "text"  # jsonl: the field | parquet: the column | tfds: the feature
+    # jsonl: the field | parquet: the column | tfds: the feature | chat: the messages ("text": "messages")
+    field: str = "text"
     mixture: tuple[Source, ...] = ()  # source=mixture: the corpora and their weights
     vocab_size: Annotated[int, Between(1, 1 << 22)] = 2048  # sentencepiece vocabulary to train
     tokenizer: Tokenizer = "bpe"
@@ -438,7 +442,7 @@ def _validate_sources(d: Data) -> None:
     for i, c in enumerate(d.components()):
         where = f"data.mixture[{i}]." if d.source == "mixture" else "data."
         require(
-            c.source not in ("files", "jsonl", "parquet") or c.path,
+            c.source not in ("files", "jsonl", "parquet", "chat") or c.path,
             f"{where}source={c.source} needs {where}path=FILE_FOLDER_OR_GLOB",
         )
         require(

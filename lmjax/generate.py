@@ -5,8 +5,8 @@ prompt is prefilled at once, then tokens are decoded one at a time against a KV 
 on the mesh like the activations, until </s> or the limit, and streamed to the terminal.
 
 From Python (a notebook): `lmjax.generate.sample(workdir, prompts, ...)`, or keep a
-`Generator.from_workdir(workdir)` and call its `sample` many times (it compiles once per
-prompt length).
+`Generator.from_workdir(workdir)` and call its `sample` (or, for a chat model, `chat(messages)`)
+many times (it compiles once per prompt length).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from flax import nnx
 
 from lmjax import checkpoint, config, model, sampling, sharding, step, storage
 from lmjax.config import UserError
+from lmjax.data import chat_template
+from lmjax.data.chat_template import Message
 from lmjax.data.tokenizer import Tokenizer
 
 # Prompts are left-padded to a multiple of _PROMPT_BUCKET tokens and the cache has a multiple of
@@ -121,17 +123,21 @@ class Generator:
         tokenizer: Tokenizer | None,
         mesh: jax.sharding.Mesh,
         log: Log | None = None,
+        folder: storage.Path | None = None,
     ):
         """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
-        ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr)."""
+        ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr).
+        `folder`: the run's, where an imported chat template is kept (chat_template.for_run)."""
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
+        self.folder = folder
         self.log = log or _print
         self.eos_id = tokenizer.eos_id if tokenizer else -1
         # Only ids the tokenizer can decode may be picked: an imported model's embedding may have
         # rows past the tokenizer's pieces (a padded LLaMA vocabulary). A traced argument of the
         # decode step, like the sampling settings: one compiled step serves every call.
         self._n_ids = np.int32(tokenizer.vocab_size if tokenizer else exp.model.vocab_size)
-        self.last_tokens = 0  # tokens the last `sample` call produced
+        self.last_tokens = 0  # tokens the last `sample` or `chat` call produced
+        self.last_stopped: list[bool] = []  # per row of the last call: ended at a stop id
         self._step = _decode_step(exp.model)
         self._init_cache = jax.jit(functools.partial(model.init_cache, exp.model), static_argnums=1)
 
@@ -146,7 +152,7 @@ class Generator:
         mesh = sharding.make_mesh(exp)
         with sharding.use(mesh, exp.mesh.rules):  # every checkpoint of a run has the same shapes
             params, _ = checkpoint.load_params(workdir, mesh, log=log)
-        return cls(exp, params, Tokenizer.load(workdir / "tokenizer.model"), mesh, log)
+        return cls(exp, params, Tokenizer.load(workdir / "tokenizer.model"), mesh, log, workdir)
 
     def sample(
         self,
@@ -161,18 +167,62 @@ class Generator:
         """The text each prompt continues with, up to its </s> or `max_tokens` tokens, as
         strings; one prompt may be passed as a string. `on_text(row, text)` gets each row's new
         text as it is decoded (a stream). The same seed gives the same samples."""
-        check_settings(max_tokens, temperature, top_k, top_p, 1)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(p)] for p in prompts]
+        return self.text_of(ids, max_tokens, temperature, top_k, top_p, seed, on_text)
+
+    def chat(
+        self,
+        conversations: Sequence[Message] | Sequence[Sequence[Message]],
+        max_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        on_text: OnText | None = None,
+    ) -> list[str]:
+        """The assistant's next reply to each conversation (messages `{"role", "content"}`;
+        one conversation may be passed alone), rendered with the run's chat template and
+        decoded up to its end-of-turn piece or `max_tokens`. As `sample` otherwise."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        ids = [self.template.prompt(chat_template.check(list(c))) for c in conversations]
+        return self.text_of(ids, max_tokens, temperature, top_k, top_p, seed, on_text, self.template.stop_ids)
+
+    @functools.cached_property
+    def template(self) -> chat_template.ChatTemplate:
+        """The run's chat template (chat_template.for_run); UserError for a tokenizer without one."""
+        if self.tokenizer is None:
+            raise UserError("this generator has no tokenizer, so no chat template")
+        if self.folder is None:
+            return chat_template.LmjaxTemplate(self.tokenizer)
+        return chat_template.for_run(self.folder, self.tokenizer)
+
+    def text_of(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+        on_text: OnText | None = None,
+        stop_ids: Sequence[int] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[str]:
+        """`generate_ids` decoded to text, streamed to `on_text(row, text)` as it grows."""
+        check_settings(max_tokens, temperature, top_k, top_p, 1)
         tok = self.tokenizer
-        ids = [[tok.bos_id, *tok.encode(p)] for p in prompts]
-        streams = [_TextStream(tok.decode) for _ in prompts]
+        streams = [_TextStream(tok.decode) for _ in prompt_ids]
 
         def on_tokens(row: int, new_ids: list[int]) -> None:
             text = streams[row].add(new_ids)
             if on_text and text:
                 on_text(row, text)
 
-        out = self.generate_ids(ids, max_tokens, temperature, top_k, top_p, seed, on_tokens)
+        out = self.generate_ids(
+            prompt_ids, max_tokens, temperature, top_k, top_p, seed, on_tokens, stop_ids, cancelled
+        )
         self.last_tokens = sum(map(len, out))
         for row, stream in enumerate(streams):  # what a character cut short held back
             tail = stream.finish()
@@ -189,14 +239,21 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         on_tokens: Callable[[int, list[int]], None] | None = None,
+        stop_ids: Sequence[int] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[list[int]]:
-        """New token ids for each prompt (ids, <s> included), </s> left out."""
+        """New token ids for each prompt (ids, <s> included), up to the first of `stop_ids`
+        (default: </s>), which is left out. `cancelled(row)`: that row is no longer wanted (a
+        client went away); decoding ends when every row is done or cancelled. `last_stopped`
+        tells, per row, whether it ended at a stop id (else at the token limit, or cancelled)."""
         prompts_BT, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
         rows = len(prompt_ids)
         key = jax.random.key(seed)
         settings = (np.float32(temperature), np.int32(top_k), np.float32(top_p), self._n_ids)
+        stops = set((self.eos_id,) if stop_ids is None else stop_ids)
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
+        self.last_stopped = [False] * rows
         with self._on_mesh():
             slots = _round_up(prompts_BT.shape[1] + max_tokens, _CACHE_BUCKET)
             cache = self._init_cache(start_B, slots)
@@ -207,9 +264,10 @@ class Generator:
                     key_i = jax.random.fold_in(key, i + 1)
                     next_B, cache = self._step(self.params, token_B[:, None], cache, key_i, *settings)
                 for b, t in enumerate(np.asarray(token_B)[:rows]):
-                    if done[b]:
+                    if done[b] or (cancelled and cancelled(b)):
+                        done[b] = True
                         continue
-                    done[b] = t == self.eos_id
+                    done[b] = self.last_stopped[b] = int(t) in stops
                     if not done[b]:
                         out[b].append(int(t))
                         if on_tokens:

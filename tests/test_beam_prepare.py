@@ -159,7 +159,7 @@ def test_a_corpus_with_an_empty_split_is_the_in_process_user_error_and_leaves_no
     lines = [json.dumps({"text": f"document {i} " * 40}) for i in range(4)]
     (tmp_path / "corpus" / "a.jsonl").write_text("\n".join(lines) + "\n")
     sets = ["data.source=jsonl", f"data.path={tmp_path / 'corpus'}", "data.validation_percent=0.01"]
-    sets.append("data.vocab_size=280")  # the bytes, control pieces and a few merges
+    sets.append("data.vocab_size=284")  # the bytes, control and chat pieces and a few merges
     with pytest.raises(UserError) as in_process:
         cache.load_or_build(data_config([*sets, f"data.cache_dir={tmp_path / 'a'}"]), log=lambda m: None)
     cfg = data_config([*sets, f"data.cache_dir={tmp_path / 'b'}"])

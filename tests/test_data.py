@@ -214,11 +214,11 @@ def test_tokenizer_sample_is_bounded_and_follows_the_weights(tmp_path):
 def test_prepare_builds_the_cache_and_reports_it(tmp_path, capsys):
     _write_jsonl(tmp_path / "a.jsonl", 400)
     argv = ["prepare", "--experiment", "stdlib_tiny", "--set", "data.source=jsonl"]
-    argv += ["--set", f"data.path={tmp_path / 'a.jsonl'}", "--set", "data.vocab_size=276"]
+    argv += ["--set", f"data.path={tmp_path / 'a.jsonl'}", "--set", "data.vocab_size=280"]
     argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
     assert data_main(argv) == 0
     out = capsys.readouterr().out
-    assert "276-piece tokenizer" in out and "train: " in out and "validation: " in out
+    assert "280-piece tokenizer" in out and "train: " in out and "validation: " in out
     assert data_main([*argv[:-2], "--set", "data.path=/nonexistent.jsonl"]) == 2
     assert "matches no files" in capsys.readouterr().err
 

@@ -130,7 +130,7 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
     with tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
         for i, c in enumerate(cfg.components()):
             (folder / f"c{i}").mkdir()
-            writers = {s: shards.StreamWriter(folder / f"c{i}", s, dtype) for s in SPLITS}
+            writers = {s: shards.StreamWriter(folder / f"c{i}", s, dtype, sources.is_chat(c)) for s in SPLITS}
             for streams in _encoded_chunks(c, tok, cfg.validation_percent):
                 for s in SPLITS:
                     writers[s].add(streams[s])

@@ -45,6 +45,8 @@ def parse_meta(text: str, n_parts: int) -> dict:
             for s in SPLITS:
                 if not isinstance(part[s]["tokens"], int) or not _are_names(part[s]["shards"]):
                     raise ValueError(f"no token count or shard names for {s}")
+                if not isinstance(part[s].get("trained_tokens", 0), int):
+                    raise ValueError(f"the trained tokens of {s} are not a number")
                 if not _are_counts(part[s].get("most_documents", {})):
                     raise ValueError(f"the most documents a window of {s} holds are not numbers")
         if not isinstance(meta.get("identity", ""), str) or not isinstance(meta.get("shard_blocks", 1), int):
@@ -73,13 +75,20 @@ def describe(e: BaseException) -> str:
 
 
 def entry_files(meta: dict) -> list[str]:
-    """The files of an entry, relative to it: the tokenizer, and per corpus and split its shards
-    and where its documents start."""
+    """The files of an entry, relative to it: the tokenizer, and per corpus and split its shards,
+    where its documents start and, for conversations, its trained token ranges."""
     names = ["tokenizer.model"]
     for i, part in enumerate(meta["parts"]):
         for s in SPLITS:
             names += [f"c{i}/{s}-starts.npy", *(f"c{i}/{shard}" for shard in part[s]["shards"])]
+            if "trained_tokens" in part[s]:
+                names.append(f"c{i}/{trained_name(s)}")
     return names
+
+
+def trained_name(split: str) -> str:
+    """The file of a conversation split's trained token ranges (int64 start, end pairs)."""
+    return f"{split}-trained.npy"
 
 
 def records(meta: dict) -> dict[str, dict | None]:

@@ -17,7 +17,7 @@ import numpy as np
 from lmjax import storage
 from lmjax.config import Data, UserError
 from lmjax.data import shards, tokenizer
-from lmjax.data.cache_meta import SPLITS, Damage, corpus_identity, describe
+from lmjax.data.cache_meta import SPLITS, Damage, corpus_identity, describe, trained_name
 
 CachePath = Path | storage.Path  # a local folder, or a folder on a bucket
 
@@ -25,15 +25,18 @@ CachePath = Path | storage.Path  # a local folder, or a folder on a bucket
 class Split:
     """One split of one corpus: documents back to back, and the offset where each starts;
     `most_documents`: the most documents a window holds, by window length (as text), where
-    meta.json records it."""
+    meta.json records it; `trained`: for conversations, the token ranges the loss is taken on
+    (int64 `[start, end, ...]`, see encode.Stream), None where every target counts."""
 
     def __init__(
         self,
         tokens: np.ndarray | shards.Blocks,
         starts: np.ndarray,
         most_documents: dict[str, int] | None = None,
+        trained: np.ndarray | None = None,
     ):
         self.tokens, self.starts, self.most_documents = tokens, starts, most_documents or {}
+        self.trained = trained
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -127,4 +130,20 @@ def _open_split(
         raise Damage(
             name, f"{starts.dtype}{list(starts.shape)}, expected int64[{expected}] below {summary['tokens']}"
         )
-    return Split(tokens, starts, summary.get("most_documents"))
+    return Split(tokens, starts, summary.get("most_documents"), _trained(folder, part, split, summary))
+
+
+def _trained(folder: Path, part: str, split: str, summary: dict) -> np.ndarray | None:
+    """A conversation split's trained token ranges (None for text), checked against meta.json."""
+    if "trained_tokens" not in summary:
+        return None
+    name = f"{part}/{trained_name(split)}"
+    try:
+        ranges = np.load(folder / name, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise Damage(name, describe(e)) from None
+    if ranges.dtype != np.int64 or ranges.ndim != 1 or len(ranges) % 2:
+        raise Damage(name, f"{ranges.dtype}{list(ranges.shape)}, expected int64 start/end pairs")
+    if int((ranges[1::2] - ranges[::2]).sum()) != summary["trained_tokens"]:
+        raise Damage(name, f"does not hold the {summary['trained_tokens']} trained tokens meta.json records")
+    return ranges

@@ -4,7 +4,8 @@ The unit that every build shares: the in-process build encodes chunks one after 
 appends them to its shards in order; the Beam pipeline (prepare_beam.py) encodes them on its
 workers and cuts the same shards from them. A chunk's documents become, per split, one stream
 of <s> ids </s> back to back and where each document starts in it, so both give the same
-tokens in the same order.
+tokens in the same order. A conversation (chat sources) is rendered by the chat template, and
+its stream also says which tokens the loss is taken on (`trained`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from lmjax.config import Source
-from lmjax.data import sources, tokenizer
+from lmjax.data import chat_template, sources, tokenizer
 from lmjax.data.cache_meta import SPLITS
 
 ENCODE_BATCH_CHARS = 2 << 20  # texts per sentencepiece call: enough to keep every thread busy
@@ -24,28 +25,34 @@ ENCODE_BATCH_CHARS = 2 << 20  # texts per sentencepiece call: enough to keep eve
 @dataclasses.dataclass
 class Stream:
     """Documents of one split framed as <s> ids </s> back to back: `tokens`, where each
-    document starts in it (`starts`, int64), and the characters and UTF-8 bytes of their text."""
+    document starts in it (`starts`, int64), and the characters and UTF-8 bytes of their text.
+    `trained`: for conversations, the token ranges the loss is taken on, as int64
+    `[start, end, start, end, ...]` (a target at offset i counts when i lies in one); None for
+    text, where every target counts."""
 
     tokens: np.ndarray
     starts: np.ndarray
     chars: int = 0
     bytes: int = 0
+    trained: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, dtype: np.dtype) -> Stream:
-        return cls(np.zeros(0, dtype), np.zeros(0, np.int64))
+    def empty(cls, dtype: np.dtype, chat: bool = False) -> Stream:
+        return cls(np.zeros(0, dtype), np.zeros(0, np.int64), trained=np.zeros(0, np.int64) if chat else None)
 
     @classmethod
     def joined(cls, streams: list[Stream], dtype: np.dtype) -> Stream:
-        """`streams` one after another, their starts shifted to the joined tokens."""
+        """`streams` one after another, their starts (and trained ranges) shifted to the joined tokens."""
         if not streams:
             return cls.empty(dtype)
         offsets = np.cumsum([0] + [len(s.tokens) for s in streams[:-1]])
+        pairs = list(zip(streams, offsets, strict=True))
         return cls(
             np.concatenate([s.tokens for s in streams]).astype(dtype, copy=False),
-            np.concatenate([s.starts + o for s, o in zip(streams, offsets, strict=True)]).astype(np.int64),
+            np.concatenate([s.starts + o for s, o in pairs]).astype(np.int64),
             sum(s.chars for s in streams),
             sum(s.bytes for s in streams),
+            None if streams[0].trained is None else np.concatenate([s.trained + o for s, o in pairs]),
         )
 
 
@@ -77,6 +84,9 @@ def encode_chunks(
     """`encode_chunk` of each of `chunks`, their documents encoded together: many small files
     make a few large sentencepiece batches instead of many small ones."""
     dtype = dtype_for(tok.vocab_size)
+    if sources.is_chat(c):
+        template = chat_template.LmjaxTemplate(tok)
+        return [_conversations(c, chunk, template, validation_percent, dtype) for chunk in chunks]
     encoded = {s: _Encoded() for s in SPLITS}
     documents = (
         (k, split, text)
@@ -88,6 +98,27 @@ def encode_chunks(
     for split in SPLITS:
         encoded[split].join()
     return [{s: encoded[s].stream(k, tok, dtype) for s in SPLITS} for k in range(len(chunks))]
+
+
+def _conversations(
+    c: Source,
+    chunk: sources.Chunk,
+    template: chat_template.LmjaxTemplate,
+    validation_percent: float,
+    dtype: np.dtype,
+) -> dict[str, Stream]:
+    """Each split's conversations of `chunk` rendered and framed as <s> ids </s>, with the
+    ranges of their trained tokens."""
+    tok = template.tokenizer
+    out = {s: [] for s in SPLITS}
+    for split, messages in sources.chunk_documents(c, chunk, validation_percent):
+        rendered = template.render(messages)
+        trained = np.concatenate([[False], rendered.trained, [False]])  # <s> and </s> are not
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], trained, [False]])))
+        text = chat_template.text(messages)
+        ids = np.array([tok.bos_id, *rendered.ids, tok.eos_id], dtype)
+        out[split].append(Stream(ids, np.zeros(1, np.int64), len(text), len(text.encode()), edges))
+    return {s: Stream.joined(out[s], dtype) if out[s] else Stream.empty(dtype, chat=True) for s in SPLITS}
 
 
 class _Encoded:

@@ -4,8 +4,9 @@ Packing is concat-then-split: a split's documents lie back to back, and window `
 [w*seq_len, (w+1)*seq_len] (inputs and the shifted targets). Each document is <s> text </s>;
 `segment_ids` (1, 2, ... within the window) keep documents from attending to each other,
 `positions` restart at each document, and `loss_mask` drops the one target per boundary that
-would predict the next document's <s>. Nothing is dropped but the split's last partial window
-(fewer than seq_len tokens).
+would predict the next document's <s>; in a conversation it also drops every target outside the
+trained ranges (the system's and user's tokens), so the loss is the assistant's alone. Nothing
+is dropped but the split's last partial window (fewer than seq_len tokens).
 
 Training: grain shuffles the window ids of each corpus with a seed (a new order every epoch),
 mixes corpora by weight, and batches; each host builds only the rows of the global batch
@@ -36,12 +37,15 @@ def windows(split: Split, starts_B: np.ndarray, seq_len: int) -> Batch:
     segments_BT1 = doc_BT1 - doc_BT1[:, :1] + 1
     # Positions count from the document's start, or from the window's when it began earlier.
     positions_BT1 = idx_BT1 - np.maximum(split.starts[doc_BT1], starts_B[:, None])
+    loss_mask_BT = segments_BT1[:, 1:] == segments_BT1[:, :-1]
+    if split.trained is not None:  # conversations: only the trained targets (the assistant's)
+        loss_mask_BT &= np.searchsorted(split.trained, idx_BT1[:, 1:], side="right") % 2 == 1
     return {
         "inputs": tokens_BT1[:, :-1],
         "targets": tokens_BT1[:, 1:],
         "segment_ids": segments_BT1[:, :-1].astype(np.int32),
         "positions": positions_BT1[:, :-1].astype(np.int32),
-        "loss_mask": (segments_BT1[:, 1:] == segments_BT1[:, :-1]).astype(np.float32),
+        "loss_mask": loss_mask_BT.astype(np.float32),
     }
 
 

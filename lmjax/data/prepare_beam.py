@@ -129,6 +129,10 @@ def run(cfg: Data, beam_flags: list[str], log: Callable[[str], None]) -> Built:
     pipeline = _new_pipeline(options, runner)
     entry = cache.entry_path(cfg)
     _check_paths(cfg, entry, runner)
+    if any(sources.is_chat(c) for c in cfg.components()):
+        raise UserError(
+            "the Beam pipeline prepares text corpora; build a chat corpus in-process: drop --runner"
+        )
     if cache.exists_whole(cfg, log):
         log(f"the token cache entry {entry} exists; using it")
         return Built(entry, {}, 0, 0)

@@ -15,6 +15,8 @@ import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from lmjax.data.cache_meta import trained_name
+
 if TYPE_CHECKING:  # encode.py imports the sources, which this module need not load
     from lmjax.data.encode import Stream
 
@@ -121,14 +123,16 @@ def _one_line(e: BaseException) -> str:
 
 class StreamWriter:
     """Appends framed documents to a token stream written in fixed blocks; `close` saves where
-    each document starts and returns the split's summary."""
+    each document starts (and, for conversations, the trained token ranges: `chat`) and
+    returns the split's summary."""
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype):
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, chat: bool = False):
         self._new_writer = lambda path: ArrayRecordWriter(str(path), WRITER_OPTIONS)
         self.folder, self.split, self.dtype = folder, split, dtype
         self.pending: list[np.ndarray] = []
         self.tokens = self.blocks = self.bytes = 0
         self.starts: list[np.ndarray] = []
+        self.trained: list[np.ndarray] | None = [] if chat else None
         self.shards: list[str] = []
         self._writer = None
 
@@ -136,6 +140,8 @@ class StreamWriter:
         """Documents framed as <s> ids </s> (encode.py), after those added before."""
         self.pending.append(stream.tokens)
         self.starts.append(self.tokens + stream.starts)
+        if self.trained is not None:
+            self.trained.append(self.tokens + stream.trained)
         self.tokens += len(stream.tokens)
         self.bytes += stream.bytes
         if sum(map(len, self.pending)) >= BLOCK_TOKENS:
@@ -147,7 +153,17 @@ class StreamWriter:
             self._writer.close()
         starts = np.concatenate(self.starts) if self.starts else np.zeros(0, np.int64)
         np.save(self.folder / f"{self.split}-starts.npy", starts)
-        return {"tokens": self.tokens, "documents": len(starts), "bytes": self.bytes, "shards": self.shards}
+        summary = {
+            "tokens": self.tokens,
+            "documents": len(starts),
+            "bytes": self.bytes,
+            "shards": self.shards,
+        }
+        if self.trained is not None:
+            ranges = np.concatenate([np.zeros(0, np.int64), *self.trained]).astype(np.int64)
+            np.save(self.folder / trained_name(self.split), ranges)
+            summary["trained_tokens"] = int((ranges[1::2] - ranges[::2]).sum())
+        return summary
 
     def _write(self, final: bool) -> None:
         stream = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)

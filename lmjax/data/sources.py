@@ -5,6 +5,12 @@ embedded default corpus every machine has. `files`: text files (a file, a folder
 one document each. `jsonl`: one document per line, the text in `field`. `parquet`: one
 document per row, the text in column `field`. `tfds`: see tfds_source.py.
 
+Conversations (documents that are lists of messages, see chat_template.py): `chat` reads JSON
+Lines or Parquet files, one conversation a row in `field` (`messages` unless set); `stdlib_chat`
+makes questions about the standard library's documented functions from its files
+(stdlib_chat.py), keyed by the function's qualified name, so a held-out function is never seen
+in training.
+
 A document goes to validation when the hash of its key (a file's relative path, or
 "path:line" / "path:row") falls below `validation_percent`, so the split is the same on every
 machine with the same files. Text files too few for a fair split by file (fewer than
@@ -30,17 +36,29 @@ from collections.abc import Iterator
 
 from lmjax import storage
 from lmjax.config import Source, UserError
-from lmjax.data import tfds_source
+from lmjax.data import chat_template, tfds_source
+from lmjax.data.chat_template import Message
 from lmjax.data.files import CorpusPath, root_name, split_of, stamp, stamped_user_files, stdlib_files
 
-Document = tuple[str, str]  # (split, text), split in ("train", "validation")
+Content = str | list[Message]  # a text, or a conversation (chat sources)
+Document = tuple[str, Content]  # (split, content), split in ("train", "validation")
+CHAT_SOURCES = ("chat", "stdlib_chat")
 
 
-_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",), "chat": (".jsonl", ".json", ".parquet")}
+
+
+def is_chat(c: Source) -> bool:
+    return c.source in CHAT_SOURCES
+
+
+def text_of(content: Content) -> str:
+    """A document's text: a conversation's contents, a line each (what a tokenizer trains on)."""
+    return content if isinstance(content, str) else "\n".join(m["content"] for m in content)
 
 
 def _stamped_files(c: Source) -> tuple[CorpusPath, list[tuple[CorpusPath, str]]]:
-    if c.source == "stdlib":
+    if c.source in ("stdlib", "stdlib_chat"):
         root, paths = stdlib_files()
         return root, [(p, stamp(p)) for p in paths]
     root, stamped = stamped_user_files(c.path, _SUFFIXES.get(c.source, ()))
@@ -51,9 +69,11 @@ def _stamped_files(c: Source) -> tuple[CorpusPath, list[tuple[CorpusPath, str]]]
 
 
 def describe(c: Source) -> str:
-    return {"stdlib": "the stdlib corpus", "tfds": f"tfds {c.name or c.path}"}.get(
-        c.source, f"{c.source} {c.path}"
-    )
+    return {
+        "stdlib": "the stdlib corpus",
+        "stdlib_chat": "the stdlib conversations",
+        "tfds": f"tfds {c.name or c.path}",
+    }.get(c.source, f"{c.source} {c.path}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +114,14 @@ def chunk_documents(c: Source, chunk: Chunk, validation_percent: float) -> Itera
     if c.source == "tfds":
         stream = tfds_source.documents(c.name, c.path, c.field, validation_percent)
     else:
-        read = {"stdlib": _text_file, "files": _text_file, "jsonl": _jsonl, "parquet": _parquet}[c.source]
+        read = {
+            "stdlib": _text_file,
+            "files": _text_file,
+            "jsonl": _jsonl,
+            "parquet": _parquet,
+            "chat": _chat,
+            "stdlib_chat": _stdlib_chat,
+        }[c.source]
         stream = read(c, chunk, validation_percent)
     return (doc for doc in stream if doc[1])
 
@@ -152,6 +179,12 @@ def _as_text(value: object, where: str, field: str) -> str:
 
 
 def _jsonl(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    for key, where, value in _jsonl_values(chunk, c.field):
+        yield split_of(key, percent), _as_text(value, where, c.field)
+
+
+def _jsonl_values(chunk: Chunk, field: str) -> Iterator[tuple[str, str, object]]:
+    """(document key, where it is for errors, the value of `field`) for each line of a JSONL file."""
     path, rel = _open(chunk), chunk.key
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):
@@ -161,33 +194,56 @@ def _jsonl(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
                 record = json.loads(line.decode("utf-8", errors="replace"))
             except ValueError:
                 raise UserError(f"{path}:{number} is not a JSON object; give JSON Lines files") from None
-            if not isinstance(record, dict) or c.field not in record:
+            if not isinstance(record, dict) or field not in record:
                 keys = sorted(record) if isinstance(record, dict) else []
-                raise UserError(f"{path}:{number} has no field {c.field!r}; set data.field to one of {keys}")
-            yield (
-                split_of(f"{rel}:{number}", percent),
-                _as_text(record[c.field], f"{path}:{number}", c.field),
-            )
+                raise UserError(f"{path}:{number} has no field {field!r}; set data.field to one of {keys}")
+            yield f"{rel}:{number}", f"{path}:{number}", record[field]
 
 
 def _parquet(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    for key, where, value in _parquet_values(chunk, c.field, "parquet"):
+        yield split_of(key, percent), _as_text(value, where, c.field)
+
+
+def _parquet_values(chunk: Chunk, field: str, source: str) -> Iterator[tuple[str, str, object]]:
+    """(document key, where it is for errors, the value of column `field`) for each row."""
     try:  # optional: lmjax[parquet]
         import pyarrow.parquet as pq
     except ImportError:
-        raise UserError("data.source=parquet needs pyarrow: pip install 'lmjax[parquet]'") from None
+        raise UserError(f"data.source={source} needs pyarrow: pip install 'lmjax[parquet]'") from None
     path, rel = _open(chunk), chunk.key
     # pyarrow reads a local file by name, an object through a (seekable) file object
-    with path.open("rb") if storage.is_bucket(path) else contextlib.nullcontext(path) as source:
+    with path.open("rb") if storage.is_bucket(path) else contextlib.nullcontext(path) as file:
         try:
-            table = pq.ParquetFile(source)
+            table = pq.ParquetFile(file)
         except Exception as e:  # pyarrow raises several types for a file that is not Parquet
             raise UserError(
                 f"{path} is not a readable Parquet file ({type(e).__name__}); fix or remove it"
             ) from None
         columns = table.schema_arrow.names
-        if c.field not in columns:
-            raise UserError(f"{path} has no column {c.field!r}; set data.field to one of {columns}")
+        if field not in columns:
+            raise UserError(f"{path} has no column {field!r}; set data.field to one of {columns}")
         rows = itertools.count()
-        for batch in table.iter_batches(columns=[c.field], batch_size=4096):
+        for batch in table.iter_batches(columns=[field], batch_size=4096):
             for value in batch.column(0).to_pylist():
-                yield split_of(f"{rel}:{next(rows)}", percent), _as_text(value, str(path), c.field)
+                row = next(rows)
+                yield f"{rel}:{row}", f"{path} row {row}", value
+
+
+def _chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    """Conversations, one a row of a JSONL or Parquet file, in `field` ("text": "messages")."""
+    field = "messages" if c.field == "text" else c.field
+    if chunk.key.endswith(".parquet"):
+        rows = _parquet_values(chunk, field, "chat")
+    else:
+        rows = _jsonl_values(chunk, field)
+    for key, where, value in rows:
+        yield split_of(key, percent), chat_template.check(value, where)
+
+
+def _stdlib_chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
+    from lmjax.data import stdlib_chat
+
+    text = _open(chunk).read_bytes().decode("utf-8", errors="replace")
+    for key, messages in stdlib_chat.conversations(text, stdlib_chat.module_name(chunk.key)):
+        yield split_of(key, percent), messages

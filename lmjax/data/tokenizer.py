@@ -5,7 +5,9 @@ indentation is cheap), no dummy prefix, byte fallback for anything outside the v
 and "\n" as a piece of its own. So `decode(encode(text)) == text` for every valid string but
 one that holds U+2581 ("▁", sentencepiece's own mark for a space: it decodes as a space), and
 the UTF-8 bytes behind each id are known exactly (`token_bytes`), which is what bits per byte
-needs. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS). A model loaded from `data.tokenizer_path`
+needs. Ids: 0 <unk>, 1 <s> (BOS), 2 </s> (EOS), 3 "\\n", then the chat template's pieces (`CHAT_PIECES`,
+see chat_template.py), reserved from the start so a base model can be fine-tuned to chat
+without resizing its embedding. A model loaded from `data.tokenizer_path`
 keeps its own settings and ids, but must have BOS and EOS; it may be on a bucket (`gs://...`),
 and `save` writes one there whole.
 """
@@ -26,6 +28,7 @@ from lmjax.config import UserError
 from lmjax.data import segments, sources
 
 BOS_ID, EOS_ID = 1, 2
+CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # Part of the token cache's key (cache.py): changing any of these retokenizes.
 TRAINER_SETTINGS = dict(
     normalization_rule_name="identity",
@@ -35,7 +38,7 @@ TRAINER_SETTINGS = dict(
     byte_fallback=True,
     split_digits=True,
     character_coverage=0.9995,
-    user_defined_symbols=["\n"],
+    user_defined_symbols=["\n", *CHAT_PIECES],
     unk_id=0,
     bos_id=BOS_ID,
     eos_id=EOS_ID,
@@ -120,6 +123,11 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of the piece spelled `piece`, None when the model has no such piece."""
+        i = self._sp.piece_to_id(piece)
+        return i if self._sp.id_to_piece(i) == piece else None
 
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id stands for in decoded text (0 for <unk>, <s>, </s>)."""
@@ -213,9 +221,10 @@ def sample(cfg: config.Data, seed: int = 0) -> list[str]:
     for c in components:
         budget = cfg.tokenizer_sample_bytes * c.weight / total_weight
         rng, heap, kept, seen = random.Random(seed), [], 0, 0
-        for index, (split, text) in enumerate(sources.documents(c, cfg.validation_percent)):
+        for index, (split, content) in enumerate(sources.documents(c, cfg.validation_percent)):
             if split != "train":
                 continue
+            text = sources.text_of(content)
             size = len(text.encode())
             heapq.heappush(heap, (-rng.random(), index, size, text))
             kept += size
