@@ -84,7 +84,7 @@ def test_only_the_assistant_turns_and_their_end_are_trained(template):
     assert trained == "21.<|end|>42.<|end|>"
     prompt = template.prompt(messages[:2])
     assert prompt[0] == tok.bos_id and prompt[-1] == tok.piece_id("<|assistant|>")
-    assert template.stop_ids == (tok.piece_id("<|end|>"), tok.eos_id)
+    assert template.stop_ids == (7, tok.eos_id, 4, 5, 6)  # <|end|>, </s>, and a new turn's role
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,8 @@ def test_fit_drops_the_oldest_turns_after_the_system_message(template):
     messages = [SYSTEM, *[m for i in range(6) for m in conversation(3 * i + 1)]]
     budget = len(template.prompt(messages)) - 1
     kept, dropped = chat_template.fit(template, messages, budget)
-    assert kept[0] == SYSTEM and kept[1:] == messages[1 + dropped :] and dropped >= 1
+    assert kept[0] == SYSTEM and kept[1:] == messages[1 + dropped :] and dropped >= 2
+    assert kept[1]["role"] == "user"  # never a reply without its question
     assert len(template.prompt(kept)) <= budget
     with pytest.raises(chat_template.TemplateError, match="shorten it"):
         chat_template.fit(template, [{"role": "user", "content": "x " * 400}], 32)

@@ -94,7 +94,8 @@ class LmjaxTemplate:
             )
         self.role_ids = {role: ids[piece] for role, piece in ROLE_PIECES.items()}
         self.end_id = ids[END_PIECE]
-        self.stop_ids = (self.end_id, tokenizer.eos_id)
+        # A reply ends at <|end|>; </s> or a role piece would also end it (another turn begins).
+        self.stop_ids = (self.end_id, tokenizer.eos_id, *self.role_ids.values())
         self._special = {*self.role_ids.values(), self.end_id, tokenizer.bos_id, tokenizer.eos_id}
 
     def render(self, messages: Sequence[Message]) -> Rendered:
@@ -161,4 +162,7 @@ def fit(template: ChatTemplate, messages: Sequence[Message], budget: int) -> tup
             )
         kept = system + kept[len(system) + 1 :]
         dropped += 1
+        while len(kept) > len(system) + 1 and kept[len(system)]["role"] == "assistant":
+            kept = system + kept[len(system) + 1 :]  # a conversation starts with the user
+            dropped += 1
     return kept, dropped

@@ -36,11 +36,10 @@ from collections.abc import Iterator
 
 from lmjax import storage
 from lmjax.config import Source, UserError
-from lmjax.data import chat_template, tfds_source
-from lmjax.data.chat_template import Message
+from lmjax.data import chat_template, stdlib_chat, tfds_source
 from lmjax.data.files import CorpusPath, root_name, split_of, stamp, stamped_user_files, stdlib_files
 
-Content = str | list[Message]  # a text, or a conversation (chat sources)
+Content = str | list[dict[str, str]]  # a text, or a conversation (chat sources: chat_template.Message)
 Document = tuple[str, Content]  # (split, content), split in ("train", "validation")
 CHAT_SOURCES = ("chat", "stdlib_chat")
 
@@ -242,7 +241,6 @@ def _chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
 
 
 def _stdlib_chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
-    from lmjax.data import stdlib_chat
 
     text = _open(chunk).read_bytes().decode("utf-8", errors="replace")
     for key, messages in stdlib_chat.conversations(text, stdlib_chat.module_name(chunk.key)):

@@ -10,9 +10,11 @@ model.safetensors.index.json above --shard-size) and the tokenizer (tokenizer.py
 newest checkpoint. Import turns a local Hugging Face folder (safetensors and a
 sentencepiece tokenizer.model; nothing is downloaded) into an lmjax run folder: config.json,
 tokenizer.model and a step-0 checkpoint that `checkpoint.load_params` reads onto any mesh and
-`--set checkpoint.init_from=DIR` starts training from. Its config computes in the checkpoint's
-precision (model.dtype float32, bfloat16 for all-BF16 tensors) and names its own tokenizer.model
-as data.tokenizer_path, so that lmjax.generate and lmjax.evaluate read DIR as a run.
+`--set checkpoint.init_from=DIR` starts training from, and the model's chat template, where it
+has one, as chat_template.jinja (lmjax.chat and Generator.chat render conversations with it).
+Its config computes in the checkpoint's precision (model.dtype float32, bfloat16 for all-BF16
+tensors) and names its own tokenizer.model as data.tokenizer_path, so that lmjax.generate and
+lmjax.evaluate read DIR as a run.
 
 Memory: export restores one group of stacked lmjax parameters at a time (Orbax partial
 restore: all layers of the weights one HF tensor is made of, e.g. GPT-2's q, k and v for
@@ -42,6 +44,7 @@ from flax import nnx
 
 from lmjax import checkpoint, config, step, storage
 from lmjax.config import UserError
+from lmjax.data import chat_template
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf import config as hf_config
 from lmjax.hf import layout as hf_layout
@@ -176,6 +179,7 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         raise UserError(f"{where} is not readable JSON ({e}); give a Hugging Face config.json") from None
     m = hf_config.model_from_hf(hf_cfg, str(where), param_dtype)
     proto = hf_tokenizer.import_(src)
+    template = hf_tokenizer.chat_template(src)
     n_pieces = Tokenizer(proto).vocab_size
     if n_pieces > m.vocab_size:
         raise UserError(
@@ -216,6 +220,8 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         del params
         write_atomic(partial / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
         write_atomic(partial / "tokenizer.model", proto)
+        if template is not None:
+            write_atomic(partial / chat_template.JINJA_FILE, template.encode())
         _finish(partial, dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

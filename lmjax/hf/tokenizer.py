@@ -20,7 +20,9 @@ sentencepiece tokenizer itself.
 
 Import reads a sentencepiece `tokenizer.model` only: lmjax's data pipeline, bits-per-byte and
 generation tokenize with sentencepiece, and a `tokenizer.json`-only folder (GPT-2's byte-level
-BPE, LLaMA 3's tiktoken BPE) has no sentencepiece equivalent.
+BPE, LLaMA 3's tiktoken BPE) has no sentencepiece equivalent. A chat template comes along
+(`chat_template`): a `chat_template.jinja` file (as newer transformers saves it), else
+tokenizer_config.json's `chat_template` (a string, or named templates of which "default").
 """
 
 from __future__ import annotations
@@ -160,6 +162,33 @@ def import_(folder: Path) -> bytes:
             "sentencepiece equivalent): import a checkpoint that ships a tokenizer.model"
         )
     return Tokenizer.load(path).model_proto
+
+
+def chat_template(folder: Path) -> str | None:
+    """The Jinja source of a Hugging Face folder's chat template; None when it has none."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (ValueError, AttributeError):
+        raise UserError(
+            f"{path} is not a JSON object; give the tokenizer_config.json transformers writes"
+        ) from None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]: the one named "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        if template is None:
+            raise UserError(
+                f'{path}: chat_template names {", ".join(map(str, named))} but none "default"; '
+                "write the one to use to chat_template.jinja beside it"
+            )
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{path}: chat_template must be Jinja text or a list of named templates")
+    return template
 
 
 def _write_json(path: Path, value: dict) -> None:
