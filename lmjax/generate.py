@@ -26,7 +26,7 @@ from flax import nnx
 
 from lmjax import checkpoint, config, model, sampling, sharding, step, storage
 from lmjax.config import UserError
-from lmjax.data import chat_template
+from lmjax.data import chat_jinja, chat_template
 from lmjax.data.chat_template import Message
 from lmjax.data.tokenizer import Tokenizer
 
@@ -127,7 +127,7 @@ class Generator:
     ):
         """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
         ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr).
-        `folder`: the run's, where an imported chat template is kept (chat_template.for_run)."""
+        `folder`: the run's, where an imported chat template is kept (chat_jinja.for_run)."""
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
         self.folder = folder
         self.log = log or _print
@@ -191,12 +191,12 @@ class Generator:
 
     @functools.cached_property
     def template(self) -> chat_template.ChatTemplate:
-        """The run's chat template (chat_template.for_run); UserError for a tokenizer without one."""
+        """The run's chat template (chat_jinja.for_run); UserError for a tokenizer without one."""
         if self.tokenizer is None:
             raise UserError("this generator has no tokenizer, so no chat template")
         if self.folder is None:
             return chat_template.LmjaxTemplate(self.tokenizer)
-        return chat_template.for_run(self.folder, self.tokenizer)
+        return chat_jinja.for_run(self.folder, self.tokenizer)
 
     def text_of(
         self,
@@ -213,7 +213,7 @@ class Generator:
         """`generate_ids` decoded to text, streamed to `on_text(row, text)` as it grows."""
         check_settings(max_tokens, temperature, top_k, top_p, 1)
         tok = self.tokenizer
-        streams = [_TextStream(tok.decode) for _ in prompt_ids]
+        streams = [TextStream(tok.decode) for _ in prompt_ids]
 
         def on_tokens(row: int, new_ids: list[int]) -> None:
             text = streams[row].add(new_ids)
@@ -306,7 +306,7 @@ class Generator:
         return sharding.use(self.mesh, self.exp.mesh.rules)
 
 
-class _TextStream:
+class TextStream:
     """A row's decoded text, handed out as it grows; an unfinished UTF-8 character (byte
     pieces still to come) is held back."""
 
