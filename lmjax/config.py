@@ -134,6 +134,9 @@ class Data:
     vocab_size: Annotated[int, Between(1, 1 << 22)] = 2048  # sentencepiece vocabulary to train
     tokenizer: Tokenizer = "bpe"
     tokenizer_path: str = ""  # an existing sentencepiece .model instead of training one
+    # chat sources: a Jinja chat template (an imported model's chat_template.jinja) to render
+    # conversations with; "": lmjax's own pieces. A warm start from a run with one uses it.
+    chat_template: str = ""
     tokenizer_sample_bytes: PositiveInt = 4_000_000  # bounded sample the tokenizer trains on
     # documents whose key hash falls below this go to validation
     validation_percent: Annotated[float, Between(0, 50, closed_left=False, closed_right=False)] = 2.0

@@ -15,7 +15,7 @@ from flax import nnx
 
 from lmjax import checkpoint, config, step, storage
 from lmjax.config import UserError
-from lmjax.data import loader
+from lmjax.data import chat_jinja, loader
 from lmjax.data.cache import Corpus
 
 # What a resumed run may change: how it runs, not what it computes. Every other model, data and
@@ -112,7 +112,11 @@ def with_absolute_paths(exp: config.Experiment) -> config.Experiment:
     d = exp.data
     mixture = tuple(dataclasses.replace(s, path=absolute(s.path)) for s in d.mixture)
     data = dataclasses.replace(
-        d, path=absolute(d.path), mixture=mixture, tokenizer_path=absolute(d.tokenizer_path)
+        d,
+        path=absolute(d.path),
+        mixture=mixture,
+        tokenizer_path=absolute(d.tokenizer_path),
+        chat_template=absolute(d.chat_template),
     )
     ckpt = dataclasses.replace(exp.checkpoint, init_from=absolute(exp.checkpoint.init_from))
     return dataclasses.replace(exp, data=data, checkpoint=ckpt)
@@ -192,18 +196,30 @@ def start_state(
 
 def _tokenizer_of_warm_start(exp: config.Experiment, workdir: storage.Path, fresh: bool) -> config.Experiment:
     """A warm start keeps the tokenizer its parameters were trained with (unless
-    data.tokenizer_path says otherwise), copied into this run's workdir when it starts, so
-    resuming it later does not depend on the other run's folder."""
+    data.tokenizer_path says otherwise), and the chat template it was imported with (unless
+    data.chat_template does), copied into this run's workdir when it starts, so resuming it
+    later does not depend on the other run's folder."""
     source = exp.checkpoint.init_from
-    if not source or exp.data.tokenizer_path:
+    if not source:
         return exp
-    mine = workdir / "tokenizer.model"
+    data = exp.data
+    if not data.tokenizer_path:
+        data = dataclasses.replace(data, tokenizer_path=_copied(source, workdir, "tokenizer.model", fresh))
+    has_template = (storage.path(source) if fresh else workdir) / chat_jinja.JINJA_FILE
+    if not data.chat_template and has_template.exists():
+        data = dataclasses.replace(data, chat_template=_copied(source, workdir, chat_jinja.JINJA_FILE, fresh))
+    return dataclasses.replace(exp, data=data)
+
+
+def _copied(source: str, workdir: storage.Path, name: str, fresh: bool) -> str:
+    """`workdir/name`, copied from the run `source` when this run starts (`fresh`)."""
+    mine = workdir / name
     if fresh:
-        theirs = storage.path(source) / "tokenizer.model"
+        theirs = storage.path(source) / name
         if not theirs.exists():
-            raise UserError(f"checkpoint.init_from={source} has no tokenizer.model; give a run's workdir")
+            raise UserError(f"checkpoint.init_from={source} has no {name}; give a run's workdir")
         storage.write_atomic(mine, theirs.read_bytes())
-    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, tokenizer_path=str(mine)))
+    return str(mine)
 
 
 def _read_config(workdir: storage.Path) -> config.Experiment:

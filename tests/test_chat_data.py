@@ -272,3 +272,37 @@ def test_a_chat_corpus_is_not_prepared_on_beam(chat_folder, tmp_path, capsys):
         == 2
     )
     assert "build a chat corpus in-process" in capsys.readouterr().err
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_fine_tuning_an_imported_model_renders_with_its_chat_template(short_run, chat_folder, tmp_path):
+    """A warm start from a run with chat_template.jinja (an imported model) keeps it: the token
+    cache renders conversations with it and trains on the replies and their closing text."""
+    import shutil
+
+    base = tmp_path / "imported"
+    shutil.copytree(short_run, base)
+    (base / "chat_template.jinja").write_text(CHATML)
+    workdir = tmp_path / "sft"
+    assert main(sft_argv(workdir, base, chat_folder, "train.steps=1")) == 0
+    assert (workdir / "chat_template.jinja").read_text() == CHATML
+    saved = json.loads((workdir / "config.json").read_text())["data"]
+    assert saved["chat_template"] == str(workdir / "chat_template.jinja")
+    exp = config.from_dict(json.loads((workdir / "config.json").read_text()))
+    corpus = cache.load_or_build(exp.data, log=lambda m: None)
+    train = corpus.splits("train")[0]
+    tok = corpus.tokenizer
+    first = train.take(np.arange(train.starts[1]))  # the first conversation, <s> ... </s>
+    assert tok.decode(first.tolist()).startswith("<|im_start|>system\nAnswer with a number.<|im_end|>\n")
+    spans = train.trained[: 2 * np.searchsorted(train.trained[::2], train.starts[1])]
+    replies = [
+        tok.decode(train.take(np.arange(a, b)).tolist()) for a, b in zip(spans[::2], spans[1::2], strict=True)
+    ]
+    assert replies and all(r.endswith("<|im_end|>\n") and r[:-11].rstrip(".").isdigit() for r in replies)

@@ -8,7 +8,7 @@ import pytest
 
 from lmjax import generate
 from lmjax.config import UserError
-from lmjax.data import chat_template
+from lmjax.data import chat_jinja
 from lmjax.data.chat_jinja import JinjaTemplate
 from lmjax.data.chat_template import LmjaxTemplate, TemplateError
 from lmjax.hf import export
@@ -147,7 +147,7 @@ def test_import_keeps_the_chat_template(short_run, tmp_path):
     # lmjax's own template in Jinja: ChatML's markers are too many tokens for this 32-token context.
     (hf / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LMJAX}))
     assert export.main(["--from-hf", str(hf), "--to", "lmjax", str(run)]) == 0
-    assert (run / chat_template.JINJA_FILE).read_text() == LMJAX
+    assert (run / chat_jinja.JINJA_FILE).read_text() == LMJAX
     generator = generate.Generator.from_workdir(run)
     assert isinstance(generator.template, JinjaTemplate)
     replies = generator.chat([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)

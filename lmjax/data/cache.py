@@ -83,6 +83,7 @@ def cache_key(cfg: Data) -> str:
         cfg.tokenizer,
         cfg.tokenizer_sample_bytes,
         _file_hash(cfg.tokenizer_path) if cfg.tokenizer_path else "",
+        *([_file_hash(cfg.chat_template, "chat_template.jinja")] if cfg.chat_template else []),
     )
     return hashlib.sha256(repr(settings).encode()).hexdigest()[:20]
 
@@ -192,8 +193,9 @@ def _read_text(path: Path) -> str:
         raise Damage(path.name, describe(e)) from None
 
 
-def _file_hash(path: str) -> str:
+def _file_hash(path: str, what: str = "sentencepiece .model") -> str:
     p = storage.path(path)
     if not p.is_file():
-        raise UserError(f"data.tokenizer_path={path} does not exist; give a sentencepiece .model")
+        key = "chat_template" if what.startswith("chat") else "tokenizer_path"
+        raise UserError(f"data.{key}={path} does not exist; give a {what}")
     return hashlib.sha256(p.read_bytes()).hexdigest()

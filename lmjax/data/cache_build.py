@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmjax.config import Data, Source, UserError
-from lmjax.data import encode, shards, sources, tokenizer
+from lmjax.data import chat_jinja, encode, shards, sources, tokenizer
 from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize
 
 _GROUP_BYTES = 1 << 20  # input files encoded together up to this size
@@ -126,12 +126,13 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
     """Tokenize every corpus of `cfg` into `folder`; returns the entry's meta.json content."""
     (folder / "tokenizer.model").write_bytes(tok.model_proto)
     dtype = encode.dtype_for(tok.vocab_size)
+    jinja = chat_jinja.read_source(cfg.chat_template)
     parts, chars = [], 0
     with tqdm(desc="tokenizing", unit="char", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
         for i, c in enumerate(cfg.components()):
             (folder / f"c{i}").mkdir()
             writers = {s: shards.StreamWriter(folder / f"c{i}", s, dtype, sources.is_chat(c)) for s in SPLITS}
-            for streams in _encoded_chunks(c, tok, cfg.validation_percent):
+            for streams in _encoded_chunks(c, tok, cfg.validation_percent, jinja):
                 for s in SPLITS:
                     writers[s].add(streams[s])
                     chars += streams[s].chars
@@ -144,7 +145,7 @@ def _write_parts(cfg: Data, tok: tokenizer.Tokenizer, folder: Path, progress: bo
 
 
 def _encoded_chunks(
-    c: Source, tok: tokenizer.Tokenizer, validation_percent: float
+    c: Source, tok: tokenizer.Tokenizer, validation_percent: float, jinja_template: str
 ) -> Iterator[dict[str, encode.Stream]]:
     """Each chunk of `c` encoded (encode.py), in order. Small chunks are encoded in groups
     (fewer, larger sentencepiece batches), a few groups ahead of the one being written: on
@@ -166,7 +167,7 @@ def _encoded_chunks(
         for group in groups:
             if len(encoding) == 2 * workers:
                 yield from encoding.popleft().result()
-            encoding.append(pool.submit(encode_group, c, group, validation_percent))
+            encoding.append(pool.submit(encode_group, c, group, validation_percent, jinja_template))
         while encoding:
             yield from encoding.popleft().result()
 
@@ -179,15 +180,21 @@ def _load_tokenizer(model_proto: bytes) -> None:
     _worker_tokenizer = tokenizer.Tokenizer(model_proto)
 
 
-def _encode_group(c: Source, group: list[sources.Chunk], validation_percent: float) -> list[dict]:
+def _encode_group(
+    c: Source, group: list[sources.Chunk], validation_percent: float, jinja_template: str
+) -> list[dict]:
     assert _worker_tokenizer is not None, "the pool's initializer loads the tokenizer"
-    return encode.encode_chunks(c, group, _worker_tokenizer, validation_percent)
+    return encode.encode_chunks(c, group, _worker_tokenizer, validation_percent, jinja_template)
 
 
 def _encode_group_with(
-    tok: tokenizer.Tokenizer, c: Source, group: list[sources.Chunk], validation_percent: float
+    tok: tokenizer.Tokenizer,
+    c: Source,
+    group: list[sources.Chunk],
+    validation_percent: float,
+    jinja_template: str,
 ) -> list[dict]:
-    return encode.encode_chunks(c, group, tok, validation_percent)
+    return encode.encode_chunks(c, group, tok, validation_percent, jinja_template)
 
 
 def _groups(chunks: list[sources.Chunk]) -> Iterator[list[sources.Chunk]]:

@@ -1,4 +1,5 @@
-"""An imported Hugging Face model's `chat_template` (Jinja), rendered as transformers renders it.
+"""An imported Hugging Face model's `chat_template` (Jinja), rendered as transformers renders it,
+and which template a run uses: its folder's chat_template.jinja, else lmjax's (`for_run`).
 
 transformers compiles the template in jinja2's `ImmutableSandboxedEnvironment` with
 `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, its own `tojson` filter (no
@@ -35,13 +36,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmjax import storage
 from lmjax.config import UserError
-from lmjax.data.chat_template import Message, Rendered, TemplateError, check
+from lmjax.data.chat_template import ChatTemplate, LmjaxTemplate, Message, Rendered, TemplateError, check
 from lmjax.data.tokenizer import Tokenizer, _proto_fields
 
 if TYPE_CHECKING:  # jinja2 is optional (lmjax[hf]): imported where a template is compiled
     import jinja2
 
+JINJA_FILE = "chat_template.jinja"  # an imported model's template, in its run folder
 # sentencepiece_model.proto: SentencePiece.Type values
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # A reply that no template changes (strip, capitalise) and no tokenizer merges with its
@@ -175,3 +178,27 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+def for_run(folder: storage.PathLike, tokenizer: Tokenizer) -> ChatTemplate:
+    """The template of the run or import in `folder`: the imported chat_template where there
+    is one, else lmjax's (UserError when the tokenizer lacks its pieces)."""
+    jinja = storage.path(folder) / JINJA_FILE
+    return for_source(tokenizer, jinja.read_text() if jinja.exists() else "")
+
+
+def for_source(tokenizer: Tokenizer, jinja_source: str) -> ChatTemplate:
+    """The template a Jinja source gives (an imported model's), or lmjax's where it is ""."""
+    if not jinja_source:
+        return LmjaxTemplate(tokenizer)
+    return JinjaTemplate(tokenizer, jinja_source)
+
+
+def read_source(path: str) -> str:
+    """The Jinja source of the template file `path` (data.chat_template); "" for none."""
+    if not path:
+        return ""
+    file = storage.path(path)
+    if not file.is_file():
+        raise UserError(f"data.chat_template={path} does not exist; give a chat_template.jinja file")
+    return file.read_text()

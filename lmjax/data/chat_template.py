@@ -14,7 +14,7 @@ ids around it, so the ids are exactly what the tokenizer gives for that text (`t
 prompted by ending the ids with <|assistant|>, and stops at <|end|>.
 
 An imported model with a `chat_template` (its tokenizer_config.json) uses that instead
-(chat_jinja.py); `for_run` picks the template of a run's folder.
+(chat_jinja.py, where `for_run` picks the template of a run's folder).
 """
 
 from __future__ import annotations
@@ -25,22 +25,25 @@ from typing import Protocol
 
 import numpy as np
 
-from lmjax import storage
 from lmjax.config import UserError
+from lmjax.data.messages import ROLES, Message, TemplateError, check
 from lmjax.data.tokenizer import CHAT_PIECES, Tokenizer
 
-ROLES = ("system", "user", "assistant")
+__all__ = [
+    "ROLES",
+    "ChatTemplate",
+    "LmjaxTemplate",
+    "Message",
+    "Rendered",
+    "TemplateError",
+    "check",
+    "fit",
+    "text",
+]
+
 ROLE_PIECES = dict(zip(ROLES, CHAT_PIECES[:3], strict=True))
 END_PIECE = CHAT_PIECES[3]
 PIECES = CHAT_PIECES  # reserved in every tokenizer lmjax trains
-JINJA_FILE = "chat_template.jinja"  # an imported model's template, in its run folder
-
-Message = dict[str, str]
-
-
-class TemplateError(UserError):
-    """A conversation the template cannot render: a bad role or content, or a misplaced system
-    message."""
 
 
 @dataclasses.dataclass
@@ -62,23 +65,6 @@ class ChatTemplate(Protocol):
     def prompt(self, messages: Sequence[Message]) -> list[int]:
         """Ids that ask for the next assistant turn after `messages`, <s> first."""
         ...
-
-
-def check(messages: object, where: str = "the conversation") -> list[Message]:
-    """`messages` as a list of messages, or a TemplateError naming what is wrong."""
-    if not isinstance(messages, list) or not messages:
-        raise TemplateError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise TemplateError(
-                f"{where}: message {i} must be {{'role': one of {list(ROLES)}, 'content': text}}, "
-                f"got {m!r:.80}"
-            )
-        if m["role"] == "system" and i > 0:
-            raise TemplateError(f"{where}: message {i} is a system message; only the first may be")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 class LmjaxTemplate:
@@ -134,17 +120,6 @@ class LmjaxTemplate:
 def text(messages: Sequence[Message]) -> str:
     """The rendered conversation as text: what the tokenizer encodes to `render`'s ids."""
     return "".join(f"{ROLE_PIECES[m['role']]}{m['content']}{END_PIECE}" for m in messages)
-
-
-def for_run(folder: storage.PathLike, tokenizer: Tokenizer) -> ChatTemplate:
-    """The template of the run or import in `folder`: the imported chat_template where there
-    is one, else lmjax's (UserError when the tokenizer lacks its pieces)."""
-    jinja = storage.path(folder) / JINJA_FILE
-    if jinja.exists():
-        from lmjax.data.chat_jinja import JinjaTemplate  # jinja2: lmjax[hf]
-
-        return JinjaTemplate(tokenizer, jinja.read_text())
-    return LmjaxTemplate(tokenizer)
 
 
 def fit(template: ChatTemplate, messages: Sequence[Message], budget: int) -> tuple[list[Message], int]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from lmjax.config import Source
-from lmjax.data import chat_template, sources, tokenizer
+from lmjax.data import chat_jinja, chat_template, sources, tokenizer
 from lmjax.data.cache_meta import SPLITS
 
 ENCODE_BATCH_CHARS = 2 << 20  # texts per sentencepiece call: enough to keep every thread busy
@@ -79,13 +79,18 @@ def encode_chunk(
 
 
 def encode_chunks(
-    c: Source, chunks: list[sources.Chunk], tok: tokenizer.Tokenizer, validation_percent: float
+    c: Source,
+    chunks: list[sources.Chunk],
+    tok: tokenizer.Tokenizer,
+    validation_percent: float,
+    jinja_template: str = "",
 ) -> list[dict[str, Stream]]:
     """`encode_chunk` of each of `chunks`, their documents encoded together: many small files
-    make a few large sentencepiece batches instead of many small ones."""
+    make a few large sentencepiece batches instead of many small ones. Conversations render
+    with `jinja_template` (data.chat_template's source), or lmjax's template where it is ""."""
     dtype = dtype_for(tok.vocab_size)
     if sources.is_chat(c):
-        template = chat_template.LmjaxTemplate(tok)
+        template = chat_jinja.for_source(tok, jinja_template)
         return [_conversations(c, chunk, template, validation_percent, dtype) for chunk in chunks]
     encoded = {s: _Encoded() for s in SPLITS}
     documents = (
@@ -103,7 +108,7 @@ def encode_chunks(
 def _conversations(
     c: Source,
     chunk: sources.Chunk,
-    template: chat_template.LmjaxTemplate,
+    template: chat_template.ChatTemplate,
     validation_percent: float,
     dtype: np.dtype,
 ) -> dict[str, Stream]:

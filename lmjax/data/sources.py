@@ -36,10 +36,10 @@ from collections.abc import Iterator
 
 from lmjax import storage
 from lmjax.config import Source, UserError
-from lmjax.data import chat_template, stdlib_chat, tfds_source
+from lmjax.data import messages, stdlib_chat, tfds_source
 from lmjax.data.files import CorpusPath, root_name, split_of, stamp, stamped_user_files, stdlib_files
 
-Content = str | list[dict[str, str]]  # a text, or a conversation (chat sources: chat_template.Message)
+Content = str | list[dict[str, str]]  # a text, or a conversation (chat sources: messages.Message)
 Document = tuple[str, Content]  # (split, content), split in ("train", "validation")
 CHAT_SOURCES = ("chat", "stdlib_chat")
 
@@ -237,11 +237,11 @@ def _chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
     else:
         rows = _jsonl_values(chunk, field)
     for key, where, value in rows:
-        yield split_of(key, percent), chat_template.check(value, where)
+        yield split_of(key, percent), messages.check(value, where)
 
 
 def _stdlib_chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
 
     text = _open(chunk).read_bytes().decode("utf-8", errors="replace")
-    for key, messages in stdlib_chat.conversations(text, stdlib_chat.module_name(chunk.key)):
-        yield split_of(key, percent), messages
+    for key, conversation in stdlib_chat.conversations(text, stdlib_chat.module_name(chunk.key)):
+        yield split_of(key, percent), conversation

@@ -44,7 +44,7 @@ from flax import nnx
 
 from lmjax import checkpoint, config, step, storage
 from lmjax.config import UserError
-from lmjax.data import chat_template
+from lmjax.data import chat_jinja
 from lmjax.data.tokenizer import Tokenizer
 from lmjax.hf import config as hf_config
 from lmjax.hf import layout as hf_layout
@@ -221,7 +221,7 @@ def import_hf(src: Path, dest: Path, param_dtype: str, log: Log | None = None) -
         write_atomic(partial / "config.json", (json.dumps(config.to_dict(exp), indent=2) + "\n").encode())
         write_atomic(partial / "tokenizer.model", proto)
         if template is not None:
-            write_atomic(partial / chat_template.JINJA_FILE, template.encode())
+            write_atomic(partial / chat_jinja.JINJA_FILE, template.encode())
         _finish(partial, dest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
