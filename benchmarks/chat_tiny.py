@@ -16,7 +16,7 @@ pieces from the start, so the base run can be prompted too). Per run and turn:
 - token_f1: the mean SQuAD F1 of the reply's words against the answer's (lowercased,
   punctuation and articles dropped).
 
-Writes OUT/chat_tiny-<platform><devices>.json with the machine, versions, the tuned run's
+Writes OUT/chat_tiny_replies-<platform><devices>.json with the machine, versions, the tuned run's
 config, both runs' numbers, a few example replies and the wall time.
 """
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate_s": generate_s,
         "wall_s": time.time() - started,
     }
-    out = Path(args.out) / f"chat_tiny-{record['platform']}{record['devices']}.json"
+    out = Path(args.out) / f"chat_tiny_replies-{record['platform']}{record['devices']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["results"]))

@@ -2,9 +2,9 @@
 
 What for: see the whole path (tokenizer, sharded step, held-out loss) on any machine in minutes.
 Data: the running Python's stdlib .py files (~11 MB, no download); BPE tokenizer, 2048 pieces.
-How long: about 4 minutes on a 2-core CPU (fp32: the CPU computes bf16 no faster); seconds on a GPU.
+How long: about 5 minutes on a 2-core CPU (fp32: the CPU computes bf16 no faster); seconds on a GPU.
 Expect: held-out loss falling from ~7.6 (ln 2048) to 3.12, i.e. 1.59 bits per byte after 600
-steps (measured on a 2-core x86_64 CPU, 2026-11-26, in 4.4 minutes:
+steps (measured on a 2-core x86_64 CPU, 2026-12-03, in 5.4 minutes:
 benchmarks/results/stdlib_tiny-cpu1.json); gzip -9 manages 1.94 bits/byte on this corpus and
 xz -9e 1.66.
 """

@@ -7,7 +7,7 @@ the model's context with room left for the reply (min(--max-tokens, model.seq_le
 the oldest turns after the system message are dropped, with a note on stderr. Commands: /reset
 forgets the conversation (the system message stays), /system TEXT sets the system message
 (/system alone clears it), /quit (or end of input) ends. Turn n samples with seed --seed + n,
-so a session replayed from a file replies the same.
+so a conversation replayed from a file gets the same replies.
 """
 
 from __future__ import annotations
@@ -29,14 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmjax.chat", description=__doc__.split("\n\n")[1])
     parser.add_argument("--workdir", required=True, help="a run folder with a checkpoint")
     parser.add_argument("--system", default="", help="the system message (default: none)")
-    parser.add_argument("--max-tokens", type=int, default=200, help="tokens per reply at most")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest ids (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="...and of those the likeliest holding p")
-    parser.add_argument("--seed", type=int, default=0, help="turn n samples with seed + n")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config (mesh.*)"
-    )
+    generate.add_sampling_arguments(parser, temperature=0.7)  # turn n samples with seed + n
     args = parser.parse_args(argv)
     generate.check_settings(args.max_tokens, args.temperature, args.top_k, args.top_p, 1)
     return args

@@ -42,22 +42,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lmjax.generate", description=__doc__.split("\n\n")[1])
     parser.add_argument("--workdir", required=True, help="a run folder with a checkpoint")
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
-    parser.add_argument("--max-tokens", type=int, default=200, help="new tokens at most, per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest ids (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="...and of those the likeliest holding p")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser, temperature=0.8)
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config (mesh.*)",
-    )
     args = parser.parse_args(argv)
     check_settings(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     return args
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    """--max-tokens, --temperature (default `temperature`), --top-k, --top-p, --seed and --set."""
+    parser.add_argument("--max-tokens", type=int, default=200, help="new tokens at most, per sample")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest ids (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="...and of those the likeliest holding p")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config (mesh.*)"
+    )
 
 
 def check_settings(max_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:

@@ -217,7 +217,10 @@ def _copied(source: str, workdir: storage.Path, name: str, fresh: bool) -> str:
     if fresh:
         theirs = storage.path(source) / name
         if not theirs.exists():
-            raise UserError(f"checkpoint.init_from={source} has no {name}; give a run's workdir")
+            raise UserError(
+                f"checkpoint.init_from={source} has no {name}, so it is no run's workdir; "
+                "train that run first, or give another"
+            )
         storage.write_atomic(mine, theirs.read_bytes())
     return str(mine)
 

@@ -306,3 +306,21 @@ def test_fine_tuning_an_imported_model_renders_with_its_chat_template(short_run,
         tok.decode(train.take(np.arange(a, b)).tolist()) for a, b in zip(spans[::2], spans[1::2], strict=True)
     ]
     assert replies and all(r.endswith("<|im_end|>\n") and r[:-11].rstrip(".").isdigit() for r in replies)
+
+
+def test_conversations_on_a_bucket_equal_the_same_file_in_a_folder(chat_data, chat_folder, bucket, tmp_path):
+    from lmjax import storage
+
+    storage.path(f"{bucket}/chat/a.jsonl").write_text((chat_folder / "a.jsonl").read_text())
+    local = cache.load_or_build(chat_data(chat_folder, cache_dir=str(tmp_path / "c")), log=lambda m: None)
+    remote = cache.load_or_build(
+        chat_data(f"{bucket}/chat", cache_dir=str(tmp_path / "c")), log=lambda m: None
+    )
+    assert remote.entry != local.entry and remote.meta["parts"] == local.meta["parts"]
+    for a, b in zip(
+        local.splits("train") + local.splits("validation"),
+        remote.splits("train") + remote.splits("validation"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a.take(np.arange(len(a))), b.take(np.arange(len(b))))
+        np.testing.assert_array_equal(a.trained, b.trained)

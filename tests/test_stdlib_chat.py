@@ -267,7 +267,7 @@ def test_the_benchmark_records_both_runs(context_run, tmp_path):
     """The same run as base and tuned: greedy replies, so the two score alike."""
     argv = ["--base", str(context_run), "--tuned", str(context_run), "--limit", "5", "--batch", "4"]
     assert chat_bench.main([*argv, "--max-tokens", "6", "--out", str(tmp_path)]) == 0
-    [out] = tmp_path.glob("chat_tiny-cpu*.json")
+    [out] = tmp_path.glob("chat_tiny_replies-cpu*.json")
     record = json.loads(out.read_text())
     assert record["results"]["base"] == record["results"]["tuned"]
     scores = record["results"]["tuned"]
