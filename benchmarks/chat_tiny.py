@@ -35,7 +35,7 @@ from typing import NamedTuple
 from measure import record_header
 
 from lmjax import config
-from lmjax.data import files, stdlib_chat
+from lmjax.data import chat_template, files, stdlib_chat
 from lmjax.data.chat_template import PIECES
 from lmjax.generate import Generator
 
@@ -132,10 +132,11 @@ def fits(gen: Generator, case: Case) -> bool:
 
 
 def replies_of(gen: Generator, cases: list[Case], batch: int, max_tokens: int) -> list[tuple[str, bool]]:
-    """(reply, ended at a stop id) for each case, greedy, `batch` at a time. Cases of similar
+    """(reply, ended at <|end|>) for each case, greedy, `batch` at a time. Cases of similar
     prompt length go together (less padding, fewer compiled shapes); a short last batch is
     filled with copies of its first case so it compiles to the same shape."""
     lengths = [len(gen.template.prompt(c.history)) for c in cases]
+    end_id = gen.tokenizer.piece_id(chat_template.END_PIECE)
     order = sorted(range(len(cases)), key=lengths.__getitem__)
     out: list[tuple[str, bool]] = [("", False)] * len(cases)
     for start in range(0, len(order), batch):
@@ -145,7 +146,7 @@ def replies_of(gen: Generator, cases: list[Case], batch: int, max_tokens: int) -
         room = min(max_tokens, gen.exp.model.seq_len - max(lengths[i] for i in rows) + 1)
         texts = gen.chat([cases[i].history for i in filled], max_tokens=room, temperature=0.0)
         for row, i in enumerate(rows):
-            out[i] = (texts[row], gen.last_stopped[row])
+            out[i] = (texts[row], gen.last_stops[row] == end_id)
     return out
 
 

@@ -176,7 +176,7 @@ def reset_peak_rss() -> None:
 
 def identity_from_starts(corpus: cache.Corpus) -> str:
     """The identity as an entry without it in meta.json gives it: from every document start."""
-    splits = [{s: (len(p[s]), p[s].starts) for s in SPLITS} for p in corpus.parts]
+    splits = [{s: (len(p[s]), p[s].starts, p[s].trained) for s in SPLITS} for p in corpus.parts]
     return corpus_identity(corpus.tokenizer.model_proto, splits)
 
 

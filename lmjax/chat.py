@@ -108,9 +108,10 @@ class Chat:
         )[0]
         print(flush=True)
         self.turn_number += 1
-        turns = [*kept[len(system) :], {"role": "assistant", "content": reply}]
-        try:
-            self.template.render([*system, *turns])
+        answer = {"role": "assistant", "content": reply}
+        turns = [*kept[len(system) :], answer]
+        try:  # this exchange alone: a template may render earlier turns by what follows them
+            self.template.render([{"role": "user", "content": text}, answer])
         except TemplateError:  # the reply spells a template piece: it cannot be sent back
             _note("the reply holds text of the chat template, so it is left out of the conversation")
             turns = turns[:-2]

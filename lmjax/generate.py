@@ -127,8 +127,9 @@ class Generator:
         folder: storage.Path | None = None,
     ):
         """`params` laid out on `mesh` by `exp`'s rules; `tokenizer` may be None for work on
-        ids alone (`generate_ids` then never stops early). `log`: notes (default: stderr).
-        `folder`: the run's, where an imported chat template is kept (chat_jinja.for_run)."""
+        ids alone (`generate_ids` then stops only at the `stop_ids` it is given). `log`: notes
+        (default: stderr). `folder`: the run's, where an imported chat template is kept
+        (chat_jinja.for_run)."""
         self.exp, self.params, self.tokenizer, self.mesh = exp, params, tokenizer, mesh
         self.folder = folder
         self.log = log or _print
@@ -138,7 +139,7 @@ class Generator:
         # decode step, like the sampling settings: one compiled step serves every call.
         self._n_ids = np.int32(tokenizer.vocab_size if tokenizer else exp.model.vocab_size)
         self.last_tokens = 0  # tokens the last `sample` or `chat` call produced
-        self.last_stopped: list[bool] = []  # per row of the last call: ended at a stop id
+        self.last_stops: list[int | None] = []  # per row of the last call: the stop id it ended at
         self._step = _decode_step(exp.model)
         self._init_cache = jax.jit(functools.partial(model.init_cache, exp.model), static_argnums=1)
 
@@ -245,8 +246,8 @@ class Generator:
     ) -> list[list[int]]:
         """New token ids for each prompt (ids, <s> included), up to the first of `stop_ids`
         (default: </s>), which is left out. `cancelled(row)`: that row is no longer wanted (a
-        client went away); decoding ends when every row is done or cancelled. `last_stopped`
-        tells, per row, whether it ended at a stop id (else at the token limit, or cancelled)."""
+        client went away); decoding ends when every row is done or cancelled. `last_stops`
+        holds, per row, the stop id it ended at (None: the token limit, or cancelled)."""
         prompts_BT, start_B, max_tokens = self._layout(prompt_ids, max_tokens)
         rows = len(prompt_ids)
         key = jax.random.key(seed)
@@ -254,7 +255,7 @@ class Generator:
         stops = set((self.eos_id,) if stop_ids is None else stop_ids)
         out: list[list[int]] = [[] for _ in range(rows)]
         done = np.zeros(rows, bool)
-        self.last_stopped = [False] * rows
+        self.last_stops = [None] * rows
         with self._on_mesh():
             slots = _round_up(prompts_BT.shape[1] + max_tokens, _CACHE_BUCKET)
             cache = self._init_cache(start_B, slots)
@@ -268,7 +269,9 @@ class Generator:
                     if done[b] or (cancelled and cancelled(b)):
                         done[b] = True
                         continue
-                    done[b] = self.last_stopped[b] = int(t) in stops
+                    done[b] = int(t) in stops
+                    if done[b]:
+                        self.last_stops[b] = int(t)
                     if not done[b]:
                         out[b].append(int(t))
                         if on_tokens:

@@ -126,11 +126,11 @@ def check_workdir(
     exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Checkpoints
 ) -> config.Experiment:
     """Before any tokenizing: refuse a setting a resumed run cannot change (against the newest
-    checkpoint, or the config.json of a run that has none yet), and point a warm start at its
-    tokenizer. Returns the experiment with that tokenizer filled in. (`start_state` checks
-    again the checkpoint it restores: an older one when this one is damaged.)"""
+    checkpoint, or the config.json of a run that has none yet), and keep the run's tokenizer and
+    chat template in its workdir (`_with_run_files`). Returns the experiment reading those.
+    (`start_state` checks again the checkpoint it restores: an older one when it is damaged.)"""
     saved = ckpts.newest_readable()
-    exp = _tokenizer_of_warm_start(exp, workdir, fresh=saved is None)
+    exp = _with_run_files(exp, workdir, fresh=saved is None)
     if saved:
         check_resume(saved.exp, exp, saved.step, f"the checkpoint at step {saved.step}", str(workdir))
     elif (workdir / "config.json").exists():
@@ -194,33 +194,34 @@ def start_state(
     return graphdef, state, shardings, None
 
 
-def _tokenizer_of_warm_start(exp: config.Experiment, workdir: storage.Path, fresh: bool) -> config.Experiment:
-    """A warm start keeps the tokenizer its parameters were trained with (unless
-    data.tokenizer_path says otherwise), and the chat template it was imported with (unless
-    data.chat_template does), copied into this run's workdir when it starts, so resuming it
-    later does not depend on the other run's folder."""
+def _with_run_files(exp: config.Experiment, workdir: storage.Path, fresh: bool) -> config.Experiment:
+    """The tokenizer and chat template the run reads, kept in its workdir so that resuming it,
+    lmjax.chat and lmjax.serve do not depend on other folders: a warm start keeps the tokenizer
+    its parameters were trained with (unless data.tokenizer_path says otherwise) and the chat
+    template it was imported with; a template given as data.chat_template is kept too. Files
+    are copied when the run starts (`fresh`); a resumed run reads its copies."""
     source = exp.checkpoint.init_from
-    if not source:
-        return exp
     data = exp.data
-    if not data.tokenizer_path:
-        data = dataclasses.replace(data, tokenizer_path=_copied(source, workdir, "tokenizer.model", fresh))
-    has_template = (storage.path(source) if fresh else workdir) / chat_jinja.JINJA_FILE
-    if not data.chat_template and has_template.exists():
-        data = dataclasses.replace(data, chat_template=_copied(source, workdir, chat_jinja.JINJA_FILE, fresh))
+    if source and not data.tokenizer_path:
+        tokenizer = _copied(storage.path(source) / "tokenizer.model", workdir, fresh, "checkpoint.init_from")
+        data = dataclasses.replace(data, tokenizer_path=tokenizer)
+    kept = workdir / chat_jinja.JINJA_FILE
+    given = storage.path(data.chat_template) if data.chat_template else None
+    if given is None and source and (storage.path(source) / chat_jinja.JINJA_FILE).exists():
+        given = storage.path(source) / chat_jinja.JINJA_FILE
+    if fresh and given is not None and given != kept:
+        data = dataclasses.replace(data, chat_template=_copied(given, workdir, fresh, "data.chat_template"))
+    elif not fresh and kept.exists():
+        data = dataclasses.replace(data, chat_template=str(kept))
     return dataclasses.replace(exp, data=data)
 
 
-def _copied(source: str, workdir: storage.Path, name: str, fresh: bool) -> str:
-    """`workdir/name`, copied from the run `source` when this run starts (`fresh`)."""
-    mine = workdir / name
+def _copied(theirs: storage.Path, workdir: storage.Path, fresh: bool, key: str) -> str:
+    """`workdir / theirs.name`, copied from `theirs` when the run starts (`fresh`)."""
+    mine = workdir / theirs.name
     if fresh:
-        theirs = storage.path(source) / name
         if not theirs.exists():
-            raise UserError(
-                f"checkpoint.init_from={source} has no {name}, so it is no run's workdir; "
-                "train that run first, or give another"
-            )
+            raise UserError(f"{key}: {theirs} does not exist; train that run first, or give another")
         storage.write_atomic(mine, theirs.read_bytes())
     return str(mine)
 

@@ -15,6 +15,7 @@ import sys
 
 from lmjax import storage
 from lmjax.config import UserError
+from lmjax.data.chat_template import TemplateError
 from lmjax.generate import Generator
 
 
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         with _listen(args.host, args.port) as sock:  # before loading: a taken port fails at once
             generator = Generator.from_workdir(args.workdir, args.set, log=_print)
             model_id = storage.path(args.workdir).name
+            try:  # an imported template that does not compile stops here, not at each request
+                _ = generator.template
+            except TemplateError:
+                raise
+            except UserError as e:  # a tokenizer without chat pieces: completions only
+                _print(f"chat completions are off: {e}")
             app = serve_api.build_app(generator, model_id, args.max_batch, _print)
             host, port = sock.getsockname()[:2]
             context = generator.exp.model.seq_len

@@ -121,7 +121,12 @@ async def _answer(batcher: Batcher, job: Job, body: Settings, reply: Reply):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _JobStream(job, _events(job, reply, include_usage), media_type="text/event-stream")
-    text = "".join([piece async for piece in job.texts()])
+    try:  # a handler cancelled (its client gone) lets go of its row too
+        text = "".join([piece async for piece in job.texts()])
+    except JobFailed as e:
+        return JSONResponse(error_body(str(e), "server_error"), 500)
+    finally:
+        job.leave()
     return reply.whole(text, job.finish_reason, usage(len(job.prompt_ids), job.tokens))
 
 

@@ -112,7 +112,7 @@ def test_identity_in_meta_is_the_one_the_starts_give(built):
         h.update(f"{s}:{len(split)}:".encode())
         h.update(np.asarray(split.starts, np.int64).tobytes())
     assert built.meta["identity"] == h.hexdigest()[:20] == built.identity == unsummarized(built).identity
-    moved = [{s: (len(p[s]), p[s].starts + (s == "train")) for s in SPLITS} for p in built.parts]
+    moved = [{s: (len(p[s]), p[s].starts + (s == "train"), None) for s in SPLITS} for p in built.parts]
     assert corpus_identity(built.tokenizer.model_proto, moved) != built.identity
 
 

@@ -1,4 +1,4 @@
-"""`python -m lmjax.chat`: a scripted session through a real subprocess, with a model trained to
+"""`python -m lmjax.chat`: a scripted conversation through a real subprocess, with a model trained to
 answer from the conversation, and its argument errors."""
 
 import os
@@ -81,12 +81,12 @@ def replies(stdout: str) -> list[str]:
     ]
 
 
-def test_a_scripted_session(chat_run):
+def test_a_scripted_conversation(chat_run):
     """Each reply is sent the whole conversation: the same question gets another answer after
     another first turn, /reset and /system change what is sent, a message too long for the
-    context is refused without ending the session, old turns are dropped with a note, and
+    context is refused without ending the conversation, old turns are dropped with a note, and
     nothing after /quit is read."""
-    session = [
+    script = [
         "apple",
         "tiger",  # 1: after apple
         "/reset",
@@ -108,7 +108,7 @@ def test_a_scripted_session(chat_run):
         "/quit",
         "garden",
     ]
-    done = run_chat(chat_run, session)
+    done = run_chat(chat_run, script)
     assert done.returncode == 0, done.stderr
     got = replies(done.stdout)
     assert len(got) == 10, done.stdout  # every message but the refused one and the one after /quit
@@ -123,7 +123,7 @@ def test_a_scripted_session(chat_run):
     assert "Traceback" not in done.stderr
 
 
-def test_end_of_input_ends_the_session(chat_run):
+def test_end_of_input_ends_the_conversation(chat_run):
     done = run_chat(chat_run, ["apple"])
     assert done.returncode == 0, done.stderr
     assert len(replies(done.stdout)) == 1

@@ -3,6 +3,7 @@ token cache and the batches, and supervised fine-tuning from a base run."""
 
 import json
 import random
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,11 @@ import pytest
 from conftest import metrics_of, tiny_experiment, tiny_train_argv
 from flax import nnx
 
-from lmjax import config, loss, model
+from lmjax import config, loss, model, storage
 from lmjax.config import UserError
 from lmjax.data import cache, chat_template, loader
+from lmjax.data.__main__ import main as data_main
+from lmjax.data.cache_meta import corpus_identity
 from lmjax.data.tokenizer import CHAT_PIECES
 from lmjax.train import main
 
@@ -134,6 +137,11 @@ def test_the_cache_keeps_the_trained_tokens_beside_the_tokens(chat_data, chat_fo
     assert (corpus.entry / "c0" / "train-trained.npy").is_file()
     summary = corpus.meta["parts"][0]["train"]
     assert summary["trained_tokens"] == int((train.trained[1::2] - train.trained[::2]).sum())
+    # The identity a resumed run compares covers the trained ranges: another mask, another run.
+    splits = [{s: (len(p[s]), p[s].starts, p[s].trained) for s in cache.SPLITS} for p in corpus.parts]
+    assert corpus.meta["identity"] == corpus_identity(tok.model_proto, splits)
+    splits[0]["train"] = (len(train), train.starts, train.trained + 1)
+    assert corpus_identity(tok.model_proto, splits) != corpus.meta["identity"]
     # Every window's trained targets are exactly the assistant's contents and <|end|>.
     seq_len = 48
     batch = loader.windows(train, np.arange(loader.num_windows(train, seq_len)) * seq_len, seq_len)
@@ -255,8 +263,6 @@ def test_sft_warm_starts_learns_the_replies_and_resumes_exactly(short_run, chat_
 
 
 def test_a_chat_corpus_is_not_prepared_on_beam(chat_folder, tmp_path, capsys):
-    from lmjax.data.__main__ import main as data_main
-
     argv = ["prepare", "--experiment", "stdlib_tiny", "--set", "data.source=chat", "--set"]
     assert (
         data_main(
@@ -285,8 +291,6 @@ CHATML = (
 def test_fine_tuning_an_imported_model_renders_with_its_chat_template(short_run, chat_folder, tmp_path):
     """A warm start from a run with chat_template.jinja (an imported model) keeps it: the token
     cache renders conversations with it and trains on the replies and their closing text."""
-    import shutil
-
     base = tmp_path / "imported"
     shutil.copytree(short_run, base)
     (base / "chat_template.jinja").write_text(CHATML)
@@ -309,8 +313,6 @@ def test_fine_tuning_an_imported_model_renders_with_its_chat_template(short_run,
 
 
 def test_conversations_on_a_bucket_equal_the_same_file_in_a_folder(chat_data, chat_folder, bucket, tmp_path):
-    from lmjax import storage
-
     storage.path(f"{bucket}/chat/a.jsonl").write_text((chat_folder / "a.jsonl").read_text())
     local = cache.load_or_build(chat_data(chat_folder, cache_dir=str(tmp_path / "c")), log=lambda m: None)
     remote = cache.load_or_build(

@@ -80,7 +80,10 @@ BAD = [
     (["--set", "mesh.tensor=8", "--set", "mesh.data=1"], "mesh.tensor=8 does not divide model.n_heads=6"),
     (["--set", "data.source=files", "--set", "data.path=/nonexistent/corpus"], "matches no files"),
     (["--set", "data.source=files"], "data.source=files needs data.path"),
-    (["--set", "data.source=hdf5"], "data.source='hdf5': use stdlib|files|jsonl|parquet|tfds|mixture"),
+    (
+        ["--set", "data.source=hdf5"],
+        "data.source='hdf5': use stdlib|files|jsonl|parquet|tfds|chat|stdlib_chat|mixture",
+    ),
     (["--set", "data.source=jsonl"], "data.source=jsonl needs data.path"),
     (["--set", "data.source=tfds"], "data.source=tfds needs data.name"),
     (["--set", "data.source=mixture"], "data.source=mixture needs data.mixture"),

@@ -27,7 +27,7 @@ def dedent(text):
     """
 
 def _private(x):
-    """A helper nobody should be asked about."""
+    """A private function nobody should be asked about."""
 
 def undocumented(x):
     return x

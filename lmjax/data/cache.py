@@ -2,13 +2,15 @@
 
 A cache entry `CACHE/<key>/` holds `tokenizer.model`, `meta.json` and, per corpus of the
 experiment (one, or each part of a mixture) and split, the documents back to back as
-<s> ids </s> in fixed token blocks (`c<i>/<split>-<shard>.array_record`, see shards.py) and
-where each document starts (`c<i>/<split>-starts.npy`). The entry is built in a temporary
+<s> ids </s> in fixed token blocks (`c<i>/<split>-<shard>.array_record`, see shards.py),
+where each document starts (`c<i>/<split>-starts.npy`) and, for conversations, the token ranges
+the loss is taken on (`c<i>/<split>-trained.npy`). The entry is built in a temporary
 folder, locked while its build runs, and renamed into place when complete, so an interrupted
 build is never read; the next build removes any temporary folder whose lock is free.
 
 meta.json records, under "files", each file's size and a sha256: of all of it for the
-tokenizer and the starts (eight bytes a document: small next to the shards), of only the first and
+tokenizer, the starts and the trained ranges (eight bytes a document or range: small next to
+the shards), of only the first and
 last 64 KiB for a shard (`sha256_ends`, `ends_bytes`: its header, and the postscript and index
 that opening it reads; Riegeli checksums every chunk, so damage in between fails the read of
 those blocks). Loading checks every size and checksum, which costs reading the small files

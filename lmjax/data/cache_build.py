@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lmjax.config import Data, Source, UserError
 from lmjax.data import chat_jinja, encode, shards, sources, tokenizer
-from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize
+from lmjax.data.cache_meta import FORMAT, SPLITS, entry_files, file_record, summarize, trained_name
 
 _GROUP_BYTES = 1 << 20  # input files encoded together up to this size
 
@@ -37,7 +37,14 @@ def build(cfg: Data, entry: Path, log: Callable[[str], None], progress: bool) ->
         starts = [
             {s: np.load(tmp / f"c{i}/{s}-starts.npy") for s in SPLITS} for i in range(len(meta["parts"]))
         ]
-        summarize(meta, tok.model_proto, starts)  # what start-up would work out from every start
+        trained = [
+            {
+                s: np.load(tmp / f"c{i}/{trained_name(s)}") if "trained_tokens" in part[s] else None
+                for s in SPLITS
+            }
+            for i, part in enumerate(meta["parts"])
+        ]
+        summarize(meta, tok.model_proto, starts, trained)  # what start-up would work out from every start
         meta["files"] = {n: file_record(tmp / n) for n in entry_files(meta)}
         meta["build"]["seconds"] = round(time.time() - start, 2)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -142,17 +142,25 @@ def _ends_sha256(path: Path, ends_bytes: int) -> str:
     return h.hexdigest()
 
 
-def summarize(meta: dict, model_proto: bytes, starts: list[dict[str, np.ndarray]]) -> None:
+def summarize(
+    meta: dict,
+    model_proto: bytes,
+    starts: list[dict[str, np.ndarray]],
+    trained: list[dict[str, np.ndarray | None]] | None = None,
+) -> None:
     """Add to `meta` (in place) what start-up needs from the document starts: per corpus and
     split its `most_documents` for each window length of SUMMARY_SEQ_LENS, and the corpus
-    `identity`. `starts[i][split]`: where each document of corpus i's split starts."""
+    `identity`. `starts[i][split]`: where each document of corpus i's split starts;
+    `trained[i][split]`: a conversation split's trained token ranges (None for text)."""
     splits = []
-    for part, part_starts in zip(meta["parts"], starts, strict=True):
+    for i, (part, part_starts) in enumerate(zip(meta["parts"], starts, strict=True)):
         for s in SPLITS:
             part[s]["most_documents"] = {
                 str(T): most_documents(part_starts[s], part[s]["tokens"], T) for T in SUMMARY_SEQ_LENS
             }
-        splits.append({s: (part[s]["tokens"], part_starts[s]) for s in SPLITS})
+        splits.append(
+            {s: (part[s]["tokens"], part_starts[s], trained[i][s] if trained else None) for s in SPLITS}
+        )
     meta["identity"] = corpus_identity(model_proto, splits)
 
 
@@ -171,14 +179,19 @@ def most_documents(starts: np.ndarray, n_tokens: int, seq_len: int) -> int:
     return int(np.diff(run_edges).max()) + 1
 
 
-def corpus_identity(model_proto: bytes, splits: list[dict[str, tuple[int, np.ndarray]]]) -> str:
+def corpus_identity(
+    model_proto: bytes, splits: list[dict[str, tuple[int, np.ndarray, np.ndarray | None]]]
+) -> str:
     """What training on a corpus depends on: the tokenizer and, per corpus and split (`splits[i]
-    [split]`: its token count and document starts), the token count and every document's start.
-    Checkpoints keep it, so a resumed run compares it bit for bit: never change it."""
+    [split]`: its token count, document starts and, for conversations, trained token ranges),
+    the token count, every document's start and every trained range. Checkpoints keep it, so a
+    resumed run compares it bit for bit: never change it for text (no trained ranges)."""
     h = hashlib.sha256(model_proto)
     for part in splits:
         for name in SPLITS:
-            n_tokens, starts = part[name]
+            n_tokens, starts, trained = part[name]
             h.update(f"{name}:{n_tokens}:".encode())
             h.update(np.ascontiguousarray(starts, np.int64).tobytes())
+            if trained is not None:
+                h.update(b"trained:" + np.ascontiguousarray(trained, np.int64).tobytes())
     return h.hexdigest()[:20]

@@ -72,7 +72,7 @@ class Corpus:
         built; worked out from the starts (once: a large corpus has many) for older entries."""
         if "identity" in self.meta:
             return self.meta["identity"]
-        splits = [{s: (len(part[s]), part[s].starts) for s in SPLITS} for part in self.parts]
+        splits = [{s: (len(part[s]), part[s].starts, part[s].trained) for s in SPLITS} for part in self.parts]
         return corpus_identity(self.tokenizer.model_proto, splits)
 
 

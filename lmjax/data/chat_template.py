@@ -11,7 +11,8 @@ with no other text between turns. Rendering encodes each content alone and puts 
 ids around it, so the ids are exactly what the tokenizer gives for that text (`text`), and
 `parse` gives the messages back. The loss is taken on each assistant turn's content and its
 <|end|> (so the model learns to stop), never on the system's or user's tokens. A reply is
-prompted by ending the ids with <|assistant|>, and stops at <|end|>.
+prompted by ending the ids with <|assistant|>, and stops at <|end|> (or </s>, or a role piece:
+another turn beginning).
 
 An imported model with a `chat_template` (its tokenizer_config.json) uses that instead
 (chat_jinja.py, where `for_run` picks the template of a run's folder).

@@ -124,15 +124,15 @@ def pipeline_options(flags: list[str]) -> PipelineOptions:
 def run(cfg: Data, beam_flags: list[str], log: Callable[[str], None]) -> Built:
     """Build the token cache entry of `cfg` with a Beam pipeline run with `beam_flags`; an entry
     that exists and opens is reused. Returns the entry and what each worker read."""
+    if any(sources.is_chat(c) for c in cfg.components()):
+        raise UserError(
+            "the Beam pipeline prepares text corpora; build a chat corpus in-process: drop --runner"
+        )
     options = pipeline_options(beam_flags)
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     pipeline = _new_pipeline(options, runner)
     entry = cache.entry_path(cfg)
     _check_paths(cfg, entry, runner)
-    if any(sources.is_chat(c) for c in cfg.components()):
-        raise UserError(
-            "the Beam pipeline prepares text corpora; build a chat corpus in-process: drop --runner"
-        )
     if cache.exists_whole(cfg, log):
         log(f"the token cache entry {entry} exists; using it")
         return Built(entry, {}, 0, 0)

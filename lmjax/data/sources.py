@@ -5,7 +5,7 @@ embedded default corpus every machine has. `files`: text files (a file, a folder
 one document each. `jsonl`: one document per line, the text in `field`. `parquet`: one
 document per row, the text in column `field`. `tfds`: see tfds_source.py.
 
-Conversations (documents that are lists of messages, see chat_template.py): `chat` reads JSON
+Conversations (documents that are lists of messages, see messages.py): `chat` reads JSON
 Lines or Parquet files, one conversation a row in `field` (`messages` unless set); `stdlib_chat`
 makes questions about the standard library's documented functions from its files
 (stdlib_chat.py), keyed by the function's qualified name, so a held-out function is never seen
@@ -241,7 +241,7 @@ def _chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
 
 
 def _stdlib_chat(c: Source, chunk: Chunk, percent: float) -> Iterator[Document]:
-
+    """Questions about the documented names of one stdlib file (stdlib_chat.py), keyed by name."""
     text = _open(chunk).read_bytes().decode("utf-8", errors="replace")
     for key, conversation in stdlib_chat.conversations(text, stdlib_chat.module_name(chunk.key)):
         yield split_of(key, percent), conversation

