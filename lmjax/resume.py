@@ -203,25 +203,29 @@ def _with_run_files(exp: config.Experiment, workdir: storage.Path, fresh: bool) 
     source = exp.checkpoint.init_from
     data = exp.data
     if source and not data.tokenizer_path:
-        tokenizer = _copied(storage.path(source) / "tokenizer.model", workdir, fresh, "checkpoint.init_from")
+        missing = f"checkpoint.init_from={source} has no tokenizer.model, so it is no run's workdir"
+        tokenizer = _copied(
+            storage.path(source) / "tokenizer.model", workdir / "tokenizer.model", fresh, missing
+        )
         data = dataclasses.replace(data, tokenizer_path=tokenizer)
     kept = workdir / chat_jinja.JINJA_FILE
     given = storage.path(data.chat_template) if data.chat_template else None
     if given is None and source and (storage.path(source) / chat_jinja.JINJA_FILE).exists():
         given = storage.path(source) / chat_jinja.JINJA_FILE
     if fresh and given is not None and given != kept:
-        data = dataclasses.replace(data, chat_template=_copied(given, workdir, fresh, "data.chat_template"))
+        missing = f"data.chat_template={given} does not exist"
+        data = dataclasses.replace(data, chat_template=_copied(given, kept, fresh, missing))
     elif not fresh and kept.exists():
         data = dataclasses.replace(data, chat_template=str(kept))
     return dataclasses.replace(exp, data=data)
 
 
-def _copied(theirs: storage.Path, workdir: storage.Path, fresh: bool, key: str) -> str:
-    """`workdir / theirs.name`, copied from `theirs` when the run starts (`fresh`)."""
-    mine = workdir / theirs.name
+def _copied(theirs: storage.Path, mine: storage.Path, fresh: bool, missing: str) -> str:
+    """`mine`, copied from `theirs` when the run starts (`fresh`); `missing` says what is wrong
+    when there is no `theirs`."""
     if fresh:
         if not theirs.exists():
-            raise UserError(f"{key}: {theirs} does not exist; train that run first, or give another")
+            raise UserError(f"{missing}; train that run first, or give another")
         storage.write_atomic(mine, theirs.read_bytes())
     return str(mine)
 

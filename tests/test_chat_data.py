@@ -326,3 +326,18 @@ def test_conversations_on_a_bucket_equal_the_same_file_in_a_folder(chat_data, ch
     ):
         np.testing.assert_array_equal(a.take(np.arange(len(a))), b.take(np.arange(len(b))))
         np.testing.assert_array_equal(a.trained, b.trained)
+
+
+def test_a_chat_template_given_is_kept_in_the_run(short_run, chat_folder, tmp_path):
+    """data.chat_template=FILE is copied into the run, so lmjax.chat and lmjax.serve render
+    with the template the run trained on, whatever becomes of FILE."""
+    given = tmp_path / "mine.jinja"
+    given.write_text(CHATML)
+    workdir = tmp_path / "sft"
+    assert (
+        main(sft_argv(workdir, short_run, chat_folder, "train.steps=1", f"data.chat_template={given}")) == 0
+    )
+    given.unlink()
+    assert (workdir / "chat_template.jinja").read_text() == CHATML
+    saved = json.loads((workdir / "config.json").read_text())["data"]
+    assert saved["chat_template"] == str(workdir / "chat_template.jinja")

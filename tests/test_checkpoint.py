@@ -398,7 +398,7 @@ def test_warm_start_takes_parameters_and_tokenizer(reference, tmp_path, capsys):
     assert main(argv(tmp_path / "wide", f"checkpoint.init_from={reference}", "model.d_model=64")) == 2
     assert "has shape" in capsys.readouterr().err
     assert main(argv(tmp_path / "none", f"checkpoint.init_from={tmp_path / 'missing'}")) == 2
-    assert "tokenizer.model does not exist" in capsys.readouterr().err
+    assert "has no tokenizer.model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

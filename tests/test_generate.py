@@ -184,7 +184,7 @@ def test_a_stream_cut_inside_a_character_still_hands_out_all_the_text(stdlib_cor
     ids = tok.encode("a\u00e9\u20ac\U0001f600b")
     assert len(ids) > 5  # byte fallback: several ids per character
     for cut in range(1, len(ids) + 1):
-        stream = generate._TextStream(tok.decode)
+        stream = generate.TextStream(tok.decode)
         pieces = [stream.add([i]) for i in ids[:cut]]
         assert "\ufffd" not in "".join(pieces)  # a character cut short is held back...
         assert "".join(pieces) + stream.finish() == tok.decode(ids[:cut])  # ...until the end
