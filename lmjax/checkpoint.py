@@ -152,6 +152,10 @@ class Checkpoints:
             raise self._failed(e, s) from e
         self._in_flight = s
 
+    def saving(self) -> bool:
+        """Whether a save is still being written in the background (a cheap check: no waiting)."""
+        return self._manager.is_saving_in_progress()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete on disk; SaveFailed if it failed."""
         try:

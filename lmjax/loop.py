@@ -6,10 +6,14 @@ folder or a bucket (storage.py). `lmjax.train` is its command line.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -33,6 +37,12 @@ from lmjax.stop_signals import StopRequests
 
 _EVAL_LOGGED = ("eval_loss", "eval_perplexity", "eval_bpb")  # the numbers lmjax.evaluate writes
 
+# Signs of an accelerator that jax could use, cheap to look for: NVIDIA's tool or device file, a
+# TPU VM's chips (/dev/accel* on v2-v4, VFIO groups on v5e and later).
+NVIDIA_SMI = "nvidia-smi"
+NVIDIA_DEVICES = ("/dev/nvidia0",)
+TPU_DEVICES = ("/dev/accel0", "/dev/vfio/[0-9]*")
+
 
 class Diverged(Exception):
     """The loss or gradient became non-finite: exit status 3, the last good checkpoint kept."""
@@ -48,6 +58,8 @@ def run(exp: config.Experiment, workdir: storage.PathLike) -> dict[str, float]:
     if exp.train.xla_flags:
         xla_flags.apply(log=_print)
     distributed.initialize(exp.train.heartbeat_timeout_s, log=_print)
+    if warning := unused_accelerator_warning(jax.default_backend()):
+        _print(f"lmjax: warning: {warning}")
 
     workdir = storage.path(workdir)
     sharding.mesh_shape(exp, jax.device_count())  # the mesh and batch, before any tokenizing
@@ -131,11 +143,9 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
         if first == t.steps:  # its last checkpoint was saved, then the run stopped before evaluating it
             scores = held_out(state["params"])
             log.write({"step": first, **{k: scores[k] for k in _EVAL_LOGGED}})
+            log.print(_held_out_note(first, scores))
             log.close()
             ckpts.close()
-            _print(
-                f"step {first}: held-out loss {scores['eval_loss']:.4f}, {scores['eval_bpb']:.4f} bits/byte"
-            )
             return scores
         train_step = step.make_train_step(graphdef, tx, exp, shardings, mesh)
         source = loader.TrainBatches(
@@ -149,13 +159,14 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
         # `time` runs on from the last kept line of a resumed run (metrics.Logger.time_offset)
         start, throughput = time.time() - log.time_offset, Throughput()
         last: dict[str, float] = {}
+        saves = _Saves(ckpts, log.print)
 
         def settle(done: int, metrics: dict[str, jax.Array]) -> None:
             """Read step `done`'s metrics (the device has the next step queued meanwhile), stop
             on a non-finite loss or gradient, and log the steps that are logged."""
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-                ckpts.wait()
+                saves.wait()
                 what = f"loss {values['loss']}, gradient norm {values['grad_norm']}"
                 raise Diverged(_diverged_message(done, what, ckpts.steps()))
             compiled_here = done == first + 1 and t.steps > done  # this step holds the compilation
@@ -185,6 +196,7 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
                     settle(*pending)
                 pending = (done, metrics)
                 log.advance()
+                saves.note_if_finished()
                 save_due = (every and done % every == 0) or done == t.steps
                 evaluate_now = (t.eval_every and done % t.eval_every == 0) or done == t.steps
                 stopping = done < t.steps and stop_vote(done, stop.requested)  # at the last step: finish
@@ -197,10 +209,10 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
                     # updated ones a checkpoint would keep are checked on a held-out batch.
                     check = held_out.first_batch_loss(state["params"])
                     if not math.isfinite(check):
-                        ckpts.wait()
+                        saves.wait()
                         what = f"its update gives parameters whose held-out loss is {check}"
                         raise Diverged(_diverged_message(done, what, ckpts.steps()))
-                    ckpts.save(state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
+                    saves.save(done, state, checkpoint.data_state(train_batches.get_state(), corpus), exp)
                     log.sync()  # a bucket's copy of the metrics: every step up to this checkpoint
                 if stopping:
                     stopped_at = done
@@ -209,6 +221,7 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
                     scores = held_out(state["params"])
                     last.update(scores)
                     log.write({"step": done, **{k: scores[k] for k in _EVAL_LOGGED}})
+                    log.print(_held_out_note(done, scores))
                     log.sync()
                     throughput.restart(done * tokens_per_step)
         except BaseException:
@@ -216,7 +229,7 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
             log.close(quietly=True)  # what was logged is kept (and uploaded to a bucket)
             raise
         trace.stop()
-        ckpts.wait()  # the last save: SaveFailed (exit 2) if it could not be written
+        saves.wait()  # the last save: SaveFailed (exit 2) if it could not be written
         ckpts.close()
         log.close()
     if stopped_at:
@@ -231,6 +244,60 @@ def _train(exp: config.Experiment, workdir: storage.Path, ckpts: checkpoint.Chec
         f"{last['eval_bpb']:.4f} bits/byte ({workdir})"
     )
     return last
+
+
+class _Saves:
+    """The run's checkpoint saves, each noted ("step N: checkpoint saved to DIR") once it is
+    complete on disk: a save is written in the background, so its note comes steps later."""
+
+    def __init__(self, ckpts: checkpoint.Checkpoints, log: Callable[[str], None]):
+        self._ckpts, self._log = ckpts, log
+        self._writing: int | None = None  # the step whose save may still be running
+        self._failure: checkpoint.SaveFailed | None = None  # found early, raised on time
+
+    def save(self, done: int, state: step.State, data: dict, exp: config.Experiment) -> None:
+        self.wait()  # the save before: noted before this one starts
+        self._ckpts.save(state, data, exp)
+        self._writing = done
+
+    def note_if_finished(self) -> None:
+        """Note the save in flight if it has finished; never waits. A failed one is raised at
+        the next save or the end: processes may see it finish at different steps, but meet
+        those at the same one."""
+        if self._writing is not None and not self._ckpts.saving():
+            try:
+                self.wait()
+            except checkpoint.SaveFailed as e:
+                self._failure = e
+
+    def wait(self) -> None:
+        """Wait for the save in flight and note it; checkpoint.SaveFailed if it failed."""
+        if self._failure is not None:
+            raise self._failure
+        self._ckpts.wait()
+        if self._writing is not None:
+            self._log(f"step {self._writing}: checkpoint saved to {self._ckpts.folder / str(self._writing)}")
+            self._writing = None
+
+
+def _held_out_note(done: int, scores: dict[str, float]) -> str:
+    return f"step {done}: held-out loss {scores['eval_loss']:.4f}, {scores['eval_bpb']:.4f} bits/byte"
+
+
+def unused_accelerator_warning(backend: str) -> str:
+    """A warning when jax runs on the CPU (`backend`) of a machine with an NVIDIA GPU or a TPU,
+    naming the lmjax extra that brings jax's wheels for it; "" otherwise, and when JAX_PLATFORMS
+    chose the platform."""
+    if backend != "cpu" or os.environ.get("JAX_PLATFORMS"):
+        return ""
+    if any(glob.glob(pattern) for pattern in TPU_DEVICES):
+        return "this machine has a TPU but jax runs on the CPU; for jax's TPU wheels: pip install -e '.[tpu]'"
+    if shutil.which(NVIDIA_SMI) or any(glob.glob(pattern) for pattern in NVIDIA_DEVICES):
+        return (
+            "this machine has an NVIDIA GPU but jax runs on the CPU; for jax's CUDA wheels: "
+            "pip install -e '.[cuda]' (NVIDIA driver 580 or newer; '.[cuda12]' below)"
+        )
+    return ""
 
 
 def _diverged_message(step: int, what: str, saved_steps: list[int]) -> str:

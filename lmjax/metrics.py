@@ -1,5 +1,6 @@
-"""Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step), a progress bar, and
-TensorBoard event files in `WORKDIR/tensorboard` when asked (`train.tensorboard`).
+"""Run output: `WORKDIR/metrics.jsonl` (one JSON object per logged step), a progress bar (a
+widget in Jupyter and Colab, text in a terminal), and TensorBoard event files in
+`WORKDIR/tensorboard` when asked (`train.tensorboard`).
 
 A bucket has no append: for a workdir there, these files grow in a local staging folder and
 are uploaded whole at every checkpoint, evaluation and at the end (`Logger.sync`), so a step
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from lmjax import storage
 from lmjax.config import UserError
@@ -33,7 +34,10 @@ class Logger:
 
     `time_offset`: the `time` of the last line kept (0 if none), where a resumed session's
     clock starts, so `time` in metrics.jsonl runs on across sessions; the time between a
-    session's last logged line and its stop is not counted."""
+    session's last logged line and its stop is not counted.
+
+    The bar's clock starts when the first step is done: that step holds the compilation, which
+    would make the first rate and time left far off the steady ones."""
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class Logger:
             dynamic_ncols=True,
             file=sys.stderr,
         )
+        self._clock_started = False
 
     def write(self, record: Record) -> None:
         if self._file is None:
@@ -83,9 +88,17 @@ class Logger:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, steps: int = 1) -> None:
-        self._bar.update(steps)
+        if self._clock_started:
+            self._bar.update(steps)
+            return
+        # The first steps: counted, but left out of the rate, as `initial` steps are.
+        self._clock_started = True
+        self._bar.n = self._bar.initial = self._bar.last_print_n = self._bar.n + steps
+        self._bar.unpause()  # the clock starts now
+        self._bar.refresh()
 
     def print(self, message: str) -> None:
+        """A line kept above the bar (process 0's only)."""
         if self._file is not None:
             self._bar.write(message, file=sys.stderr)
 

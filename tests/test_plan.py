@@ -157,6 +157,25 @@ def test_device_specs():
     assert hardware.parse("4xcpu").count == 4
 
 
+@pytest.mark.parametrize(
+    "spec, kind, gib",
+    [
+        ("1xT4", "Tesla T4", 15),
+        ("L4", "NVIDIA L4", 22.5),
+        ("2xA10G", "NVIDIA A10G", 22.5),
+        ("8xB200", "NVIDIA B200", 179),
+        ("v6e-8", "TPU v6 lite", 32),
+    ],
+)
+def test_each_card_resolves_by_name(spec, kind, gib):
+    devices = hardware.parse(spec)
+    assert (
+        devices.kind == kind
+        and devices.memory_bytes == int(gib * 2**30)
+        and devices.backend in ("gpu", "tpu")
+    )
+
+
 def test_does_not_fit_names_the_overflowing_part(capsys):
     argv = ["--experiment", "gpt2_124m", "--devices", "1xH100", "--set", "train.batch_size=512"]
     assert plan.main(argv) == 1

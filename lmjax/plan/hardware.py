@@ -34,13 +34,16 @@ class Card:
 CARDS = {
     "H100": Card("NVIDIA H100 80GB HBM3", 80 * GiB, "gpu", (9, 0)),
     "H200": Card("NVIDIA H200", 140 * GiB, "gpu", (9, 0)),  # what the card exposes
+    "B200": Card("NVIDIA B200", 179 * GiB, "gpu", (10, 0)),  # of its 180 GB (nvidia-smi: 183359 MiB)
     "A100-80GB": Card("NVIDIA A100-SXM4-80GB", 80 * GiB, "gpu", (8, 0)),
     "A100-40GB": Card("NVIDIA A100-SXM4-40GB", 40 * GiB, "gpu", (8, 0)),
     "L4": Card("NVIDIA L4", int(22.5 * GiB), "gpu", (8, 9)),  # of its 24 GB
+    "A10G": Card("NVIDIA A10G", int(22.5 * GiB), "gpu", (8, 6)),  # of its 24 GB (AWS G5)
+    "T4": Card("Tesla T4", 15 * GiB, "gpu", (7, 5)),  # of its 16 GB (Colab's free GPU)
     "v4": Card("TPU v4", 32 * GiB, "tpu", cores_per_device=2),
     "v5p": Card("TPU v5", 95 * GiB, "tpu", cores_per_device=2),  # JAX calls v5p "TPU v5"
     "v5e": Card("TPU v5 lite", 16 * GiB, "tpu"),
-    "v6e": Card("TPU v6 lite", 32 * GiB, "tpu"),
+    "v6e": Card("TPU v6 lite", 32 * GiB, "tpu"),  # Trillium
 }
 
 
