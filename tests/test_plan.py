@@ -190,6 +190,29 @@ def test_does_not_fit_names_the_overflowing_part(capsys):
     assert result.usable == 0.75 * 80 * 2**30  # JAX's default GPU pool
 
 
+@pytest.mark.parametrize(
+    "batch, verdict, status, shown",
+    [
+        (128, "fits", 0, "fits (within 90% of usable)"),  # 88% of the usable memory
+        (144, "tight", 0, "TIGHT"),  # 99%: within it, but not with the margin
+        (152, "does not fit", 1, "DOES NOT FIT"),  # 104%
+    ],
+)
+def test_fits_only_with_a_margin_tight_between(batch, verdict, status, shown, monkeypatch, capsys):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    argv = ["--experiment", "gpt2_124m", "--devices", "1xH100", "--set", f"train.batch_size={batch}"]
+    assert plan.main(argv) == status
+    out = capsys.readouterr().out
+    assert shown in out and ("  tight: " in out) == (verdict == "tight")
+    result = plan.plan(plan.resolve("gpt2_124m", [f"train.batch_size={batch}"]), hardware.parse("1xH100"))
+    assert result.verdict == verdict == plan.verdict(result.memory["total"], result.usable)
+    assert (
+        plan.verdict(0.9, 1.0) == "fits"
+        and plan.verdict(0.91, 1.0) == "tight"
+        and plan.verdict(1.01, 1.0) == "does not fit"
+    )
+
+
 def test_overflowing_total_names_the_largest_part():
     G = 2**30
     memory = {"params": 30 * G, "optimizer": 30 * G, "gradients": 30 * G, "activations": 40 * G}

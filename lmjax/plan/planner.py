@@ -5,6 +5,9 @@ per token and for the run, the compute-optimal token count (20 per parameter, Ch
 the run's own, memory per device (parameters, optimizer state, gradients, activations), the wall
 time at a stated MFU, and the fastest mesh and micro-batch split that fit.
 
+Memory is judged "fits" at most FIT_MARGIN (90%) of the usable memory, "tight" above that (exit
+status 0, with a line saying what to lower), "does not fit" above all of it.
+
 Exit status: 0 when the plan fits the devices, 1 when it does not (the part that overflows is
 named) or when the experiment's own mesh/batch does not fit the device count (one note line; the
 plan is then of the fastest mesh and micro-batch count that does), 2 for bad input (one line
@@ -39,6 +42,9 @@ from lmjax.plan.memory import memory_per_device
 USABLE = 0.9  # of a TPU's or the host's memory: what the runtime and XLA's fragmentation leave
 GPU_POOL = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: the pool it preallocates on a GPU
 GPU_POOL_HINT = 0.92  # the fraction the hint suggests when a plan needs more than the default pool
+# "fits" only with this share of the usable memory or less: the estimate is not exact (memory.py),
+# and a step using the last few percent fails on fragmentation; between it and 100% is "tight".
+FIT_MARGIN = 0.9
 DEFAULT_MFU = 0.40  # GPU/TPU, where no benchmark record of the card exists
 TOKENS_PER_PARAM = 20  # compute-optimal (Hoffmann et al. 2022)
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -65,7 +71,8 @@ class Plan:
     memory_per_device: int
     usable_fraction: float
     usable: float
-    fits: bool
+    fits: bool  # within the usable memory (the exit status); `verdict` says how close
+    verdict: str  # "fits" (at most FIT_MARGIN of the usable), "tight" (above it), "does not fit"
     overflow: str  # "" when it fits
     hint: str  # e.g. the GPU pool fraction it would fit with; "" if none
     mfu: float | None
@@ -185,6 +192,7 @@ def plan(exp: config.Experiment, devices: hardware.Devices) -> Plan:
         usable_fraction=fraction,
         usable=usable,
         fits=fits,
+        verdict=verdict(memory["total"], usable),
         overflow="" if fits else overflow_message(memory, usable, devices),
         hint=_pool_hint(memory["total"], devices) if not fits else "",
         mfu=mfu,
@@ -194,6 +202,13 @@ def plan(exp: config.Experiment, devices: hardware.Devices) -> Plan:
         fit_overrides=fit[0] if fit else None,
         fit_memory=fit[1] if fit else None,
     )
+
+
+def verdict(total: float, usable: float) -> str:
+    """ "fits" within FIT_MARGIN of the usable memory, "tight" above it, "does not fit" above all of it."""
+    if total > usable:
+        return "does not fit"
+    return "fits" if total <= FIT_MARGIN * usable else "tight"
 
 
 def _nearest_valid(exp: config.Experiment, devices: hardware.Devices, fit: Fit | None) -> list[str] | None:
@@ -352,7 +367,8 @@ def render(p: Plan) -> str:
         f"{_gib(p.usable)} usable{pool})",
     ]
     rows += [f"    {part:<17} {_gib(p.memory[part]):>12}" for part in PARTS]
-    rows.append(f"    {'total':<17} {_gib(p.memory['total']):>12}  {'fits' if p.fits else 'DOES NOT FIT'}")
+    shown = {"fits": f"fits (within {FIT_MARGIN:.0%} of usable)", "does not fit": "DOES NOT FIT"}
+    rows.append(f"    {'total':<17} {_gib(p.memory['total']):>12}  {shown.get(p.verdict, p.verdict.upper())}")
     rows.append("")
     if p.hours is not None:
         rows.append(
@@ -363,6 +379,11 @@ def render(p: Plan) -> str:
         rows.append(f"  wall time           unknown ({p.mfu_source})")
     if not p.fits:
         rows.append(f"  does not fit: {p.overflow}")
+    elif p.verdict == "tight":
+        rows.append(
+            f"  tight: {p.memory['total'] / p.usable:.0%} of the usable memory, above the {FIT_MARGIN:.0%} "
+            "the estimate's error leaves; lower train.batch_size, raise train.microbatches or set model.remat"
+        )
     if p.hint:
         rows.append(f"  hint: {p.hint}")
     if p.fit_overrides:
