@@ -1,5 +1,6 @@
 """Sources, the lossless tokenizer and the token cache."""
 
+import glob
 import json
 import os
 import signal
@@ -234,8 +235,13 @@ def test_a_cache_build_killed_halfway_is_rebuilt_not_read(tmp_path, stdlib_corpu
     while not list((tmp_path / "cache").glob(".*.tmp/c0/train-*.array_record")):
         assert proc.poll() is None and time.time() < deadline, "prepare ended before it was killed"
         time.sleep(0.005)
+    workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert workers  # the encoding pool's processes, which must not outlive the build
+    while (left := [pid for pid in workers if _running(pid)]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not left, f"the killed build's pool processes {left} are still running"
     assert not cache.entry_path(cfg).exists()  # the half-built entry is not in place
     corpus = cache.load_or_build(cfg, log=lambda m: None)
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # the abandoned build was cleaned up
@@ -243,6 +249,27 @@ def test_a_cache_build_killed_halfway_is_rebuilt_not_read(tmp_path, stdlib_corpu
     (reference,) = stdlib_corpus.splits("train")
     assert len(split) == len(reference)
     np.testing.assert_array_equal(split.take(np.arange(len(split))), reference.take(np.arange(len(split))))
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (an orphan's parent may never reap it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_interrupted_build_in_process_leaves_nothing(tmp_path, monkeypatch):

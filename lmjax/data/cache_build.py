@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -167,7 +168,9 @@ def _encoded_chunks(
         encode_group = functools.partial(_encode_group_with, tok)
     else:
         context = multiprocessing.get_context("fork")
-        pool = ProcessPoolExecutor(workers, context, initializer=_load_tokenizer, initargs=(tok.model_proto,))
+        pool = ProcessPoolExecutor(
+            workers, context, initializer=_load_tokenizer, initargs=(tok.model_proto, os.getpid())
+        )
         encode_group = _encode_group
     with pool:
         encoding: collections.deque[Future] = collections.deque()
@@ -182,9 +185,18 @@ def _encoded_chunks(
 _worker_tokenizer: tokenizer.Tokenizer | None = None  # in a pool's process: the build's tokenizer
 
 
-def _load_tokenizer(model_proto: bytes) -> None:
+def _load_tokenizer(model_proto: bytes, parent: int) -> None:
     global _worker_tokenizer
     _worker_tokenizer = tokenizer.Tokenizer(model_proto)
+    # A build killed outright leaves its pool behind: each worker holds the task queue's pipe
+    # open for the others, so none sees it close. Each leaves once its parent is gone.
+    threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+
+def _exit_without(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _encode_group(
