@@ -143,7 +143,7 @@ def replies_of(gen: Generator, cases: list[Case], batch: int, max_tokens: int) -
         rows = order[start : start + batch]
         filled = rows + rows[:1] * (batch - len(rows))
         # What the context leaves after the longest prompt, so no row is cut short unannounced.
-        room = min(max_tokens, gen.exp.model.seq_len - max(lengths[i] for i in rows) + 1)
+        room = min(max_tokens, gen.room(max(lengths[i] for i in rows)))
         texts = gen.chat([cases[i].history for i in filled], max_tokens=room, temperature=0.0)
         for row, i in enumerate(rows):
             out[i] = (texts[row], gen.last_stops[row] == end_id)

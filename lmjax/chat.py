@@ -93,8 +93,7 @@ class Chat:
                 f"context ({self.generator.exp.model.seq_len} tokens, with room for the reply)"
             )
         prompt = self.template.prompt(kept)
-        # What the context leaves (the last position is never fed back, so one more than the rest).
-        room = min(self.args.max_tokens, self.generator.exp.model.seq_len - len(prompt) + 1)
+        room = min(self.args.max_tokens, self.generator.room(len(prompt)))
         print("assistant> ", end="", flush=True)
         reply = self.generator.text_of(
             [prompt],

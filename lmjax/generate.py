@@ -188,7 +188,7 @@ class Generator:
         decoded up to its end-of-turn piece or `max_tokens`. As `sample` otherwise."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        ids = [self.template.prompt(chat_template.check(list(c))) for c in conversations]
+        ids = [self.template.prompt(c) for c in conversations]  # prompt() checks each message
         return self.text_of(ids, max_tokens, temperature, top_k, top_p, seed, on_text, self.template.stop_ids)
 
     @functools.cached_property
@@ -269,16 +269,21 @@ class Generator:
                     if done[b] or (cancelled and cancelled(b)):
                         done[b] = True
                         continue
-                    done[b] = int(t) in stops
-                    if done[b]:
-                        self.last_stops[b] = int(t)
-                    if not done[b]:
+                    if int(t) in stops:
+                        done[b], self.last_stops[b] = True, int(t)
+                    else:
                         out[b].append(int(t))
                         if on_tokens:
                             on_tokens(b, [int(t)])
                 if done.all():
                     break
         return out
+
+    def room(self, prompt_tokens: int) -> int:
+        """New tokens the model's context leaves after a prompt of `prompt_tokens` (<s> included):
+        positions end at seq_len - 1 (GPT-2's are learned), and the last new token is never fed
+        back, so one more than the positions left."""
+        return self.exp.model.seq_len - prompt_tokens + 1
 
     def _layout(
         self, prompt_ids: Sequence[Sequence[int]], max_tokens: int
@@ -292,9 +297,8 @@ class Generator:
                 f"a prompt is {longest} tokens (with <s>) but the model's context, model.seq_len, is "
                 f"{context}; shorten the prompt"
             )
-        # Positions end at seq_len - 1 (GPT-2's are learned): the last new token is never fed back.
-        if max_tokens > context - longest + 1:
-            max_tokens = context - longest + 1
+        if max_tokens > self.room(longest):
+            max_tokens = self.room(longest)
             self.log(f"max tokens cut to {max_tokens}: the longest prompt leaves that much of the context")
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         B = _round_up(len(prompt_ids), shards)

@@ -108,7 +108,7 @@ def _job(
             prompt_field,
             "context_length_exceeded",
         )
-    room = context - len(prompt_ids) + 1  # the last position's token is never fed back
+    room = generator.room(len(prompt_ids))
     temperature = 1.0 if body.temperature is None else body.temperature
     sampling = Sampling(temperature, 1.0 if body.top_p is None else body.top_p, body.seed)
     return Job(

@@ -172,7 +172,6 @@ class Batcher:
 
     def __init__(self, generator: Generator, max_batch: int, log: Log):
         self.generator, self.max_batch, self.log = generator, max_batch, log
-        self.context = generator.exp.model.seq_len
         self.stats = Stats()
         self._waiting: list[Job] = []
         self._arrived = asyncio.Event()
@@ -207,7 +206,7 @@ class Batcher:
             # Positions end at the context's last: the longest prompt sets how far all rows go.
             if (
                 job.sampling.batch_key == first.sampling.batch_key
-                and self.context - with_job[0] + 1 >= with_job[1]
+                and self.generator.room(with_job[0]) >= with_job[1]
             ):
                 batch.append(job)
                 longest, most = with_job

@@ -39,14 +39,12 @@ import numpy as np
 from lmjax import storage
 from lmjax.config import UserError
 from lmjax.data.chat_template import ChatTemplate, LmjaxTemplate, Message, Rendered, TemplateError, check
-from lmjax.data.tokenizer import Tokenizer, _proto_fields
+from lmjax.data.tokenizer import CONTROL, USER_DEFINED, Tokenizer
 
 if TYPE_CHECKING:  # jinja2 is optional (lmjax[hf]): imported where a template is compiled
     import jinja2
 
 JINJA_FILE = "chat_template.jinja"  # an imported model's template, in its run folder
-# sentencepiece_model.proto: SentencePiece.Type values
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # A reply that no template changes (strip, capitalise) and no tokenizer merges with its
 # neighbours: found in a rendering, it shows the text a template closes a turn with.
 _PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "7"}]
@@ -58,11 +56,10 @@ class JinjaTemplate:
     def __init__(self, tokenizer: Tokenizer, source: str):
         self.tokenizer = tokenizer
         self._template = _compile(source)
-        pieces = [_proto_fields(p) for p in _proto_fields(tokenizer.model_proto)[1]]
-        self._spelling = [p[1][-1].decode() for p in pieces]
-        kinds = [p.get(3, [_NORMAL])[-1] for p in pieces]
-        self._control = {self._spelling[i]: i for i, kind in enumerate(kinds) if kind == _CONTROL}
-        self._whole = {i for i, kind in enumerate(kinds) if kind in (_CONTROL, _USER_DEFINED)}
+        pieces = tokenizer.pieces()
+        self._spelling = [spelling for spelling, _ in pieces]
+        self._control = {spelling: i for i, (spelling, kind) in enumerate(pieces) if kind == CONTROL}
+        self._whole = {i for i, (_, kind) in enumerate(pieces) if kind in (CONTROL, USER_DEFINED)}
         # Longest first, so that a piece holding another is matched whole.
         spelled = sorted(self._control, key=len, reverse=True)
         self._control_re = re.compile("|".join(map(re.escape, spelled))) if spelled else None

@@ -124,6 +124,12 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def pieces(self) -> list[tuple[str, int]]:
+        """Each id's piece as the model spells it, and its type (NORMAL, CONTROL, USER_DEFINED,
+        ...: sentencepiece's processor does not tell user-defined pieces apart)."""
+        fields = [_proto_fields(piece) for piece in _proto_fields(self.model_proto)[1]]
+        return [(f[1][-1].decode(), f.get(3, [NORMAL])[-1]) for f in fields]
+
     def piece_id(self, piece: str) -> int | None:
         """The id of the piece spelled `piece`, None when the model has no such piece."""
         i = self._sp.piece_to_id(piece)
@@ -155,7 +161,7 @@ def _lines_are_independent(model_proto: bytes, sp: spm.SentencePieceProcessor) -
     return (
         trainer.get(3, [_UNIGRAM])[-1] == _BPE
         and sp.id_to_piece(newline_id) == "\n"
-        and _proto_fields(model[1][newline_id]).get(3, [_NORMAL])[-1] == _USER_DEFINED
+        and _proto_fields(model[1][newline_id]).get(3, [NORMAL])[-1] == USER_DEFINED
         and not normalizer.get(3, [True])[-1]  # add_dummy_prefix, true unless set
         and not normalizer.get(4, [True])[-1]  # remove_extra_whitespaces, true unless set
         and normalizer.get(1, [b""])[-1] == b"identity"
@@ -173,7 +179,8 @@ _SPACE_AFTER_TEXT = re.compile("[^\u2581]\u2581")
 
 
 # sentencepiece_model.proto: TrainerSpec.ModelType and ModelProto.SentencePiece.Type values
-_UNIGRAM, _BPE, _NORMAL, _USER_DEFINED = 1, 2, 1, 4
+_UNIGRAM, _BPE = 1, 2
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 
 
 def _proto_fields(message: bytes) -> dict[int, list[int | bytes]]:
